@@ -1,0 +1,207 @@
+"""``dhte``: run, validate, simulate, predict, and manage cluster jobs.
+
+Every user error (bad spec, bad data, unreachable cluster) prints one paragraph and
+exits with code 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+from distributed_hte.errors import UserError
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from distributed_hte.runner import run_job
+    from distributed_hte.runtime import shutdown_ray
+    from distributed_hte.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)
+    try:
+        path = run_job(spec, run_dir=args.run_dir, address=args.address)
+    finally:
+        shutdown_ray()  # flushes forwarded worker logs before our last line
+    print(path, flush=True)
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from distributed_hte.spec import load_spec
+
+    failed = 0
+    for path in args.specs:
+        try:
+            spec = load_spec(path, args.overrides)
+            print(f"ok      {path}  ({spec.kind}: {spec.name})")
+        except UserError as exc:
+            failed += 1
+            print(f"invalid {path}: {exc}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from distributed_hte.kinds import get_kind
+    from distributed_hte.runtime import RayTarget, embedded_num_cpus, init_ray, shutdown_ray
+    from distributed_hte.spec import validate_spec
+
+    sim: dict = {"out": args.out}
+    for text in args.params:
+        from distributed_hte.spec import parse_override
+
+        path, value = parse_override(text)
+        sim[".".join(path)] = value
+    spec = validate_spec(
+        {"name": "simulate", "kind": args.kind, "simulate": sim}, source="(dhte simulate)"
+    )
+    init_ray(RayTarget(address=args.address, num_cpus=embedded_num_cpus(0)))
+    try:
+        data = get_kind(args.kind).simulate(spec)
+    finally:
+        shutdown_ray()
+    print(data, flush=True)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import yaml
+
+    from distributed_hte.kinds import get_kind
+    from distributed_hte.runtime import RayTarget, embedded_num_cpus, init_ray, shutdown_ray
+
+    spec_file = Path(args.run) / "spec.yaml"
+    if not spec_file.exists():
+        raise UserError(f"{args.run} is not a run directory (no spec.yaml)")
+    kind = yaml.safe_load(spec_file.read_text())["kind"]
+    init_ray(RayTarget(address=args.address, num_cpus=embedded_num_cpus(0)))
+    try:
+        info = get_kind(kind).predict(Path(args.run), args.data, Path(args.out))
+    finally:
+        shutdown_ray()
+    print(json.dumps(info), file=sys.stderr)
+    print(info["out"], flush=True)
+    return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from distributed_hte.jobs import submit_job
+
+    job_id = submit_job(args.spec, args.overrides, args.address, wait=args.wait)
+    print(job_id, flush=True)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from distributed_hte.jobs import job_status
+
+    print(job_status(args.address, args.job_id), flush=True)
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    from distributed_hte.jobs import job_logs
+
+    job_logs(args.address, args.job_id, follow=args.follow)
+    return 0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    from distributed_hte.jobs import stop_job
+
+    print(stop_job(args.address, args.job_id), flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="dhte", description="Ray-distributed training of causal and marketing models."
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser(
+        "run", help="run a job spec (embedded local Ray unless --address / RAY_ADDRESS)"
+    )
+    r.add_argument("spec")
+    r.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.epochs=2")
+    r.add_argument("--run-dir", help="write exactly here (resumes a failed run in it)")
+    r.add_argument(
+        "--address",
+        help="Ray cluster address (default: $RAY_ADDRESS, runtime.address, or embedded)",
+    )
+    r.set_defaults(fn=_cmd_run)
+
+    v = sub.add_parser("validate", help="validate specs without running anything")
+    v.add_argument("specs", nargs="+")
+    v.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="key.path=value override"
+    )
+    v.set_defaults(fn=_cmd_validate)
+
+    s = sub.add_parser("simulate", help="write a simulated dataset with ground truth")
+    s.add_argument("kind")
+    s.add_argument(
+        "params", nargs="*", help="simulate-section values, e.g. n_rows=1000000 beta=nonlinear"
+    )
+    s.add_argument(
+        "--out", required=True, help="output folder (gets data/, truth/, simulation.json)"
+    )
+    s.add_argument("--address")
+    s.set_defaults(fn=_cmd_simulate)
+
+    pr = sub.add_parser("predict", help="score a dataset with a complete run's model")
+    pr.add_argument("--run", required=True, help="run directory")
+    pr.add_argument("--data", required=True, help="parquet file or folder")
+    pr.add_argument("--out", required=True, help="output parquet folder (must not exist)")
+    pr.add_argument("--address")
+    pr.set_defaults(fn=_cmd_predict)
+
+    sb = sub.add_parser("submit", help="submit a spec to a Ray cluster (Ray Jobs API)")
+    sb.add_argument("spec")
+    sb.add_argument("overrides", nargs="*")
+    sb.add_argument("--address", required=True, help="dashboard address, e.g. http://HEAD:8265")
+    sb.add_argument(
+        "--wait", action="store_true", help="wait for the job to end and exit non-zero if it failed"
+    )
+    sb.set_defaults(fn=_cmd_submit)
+
+    for name, fn, helptext in [
+        ("status", _cmd_status, "status of a submitted job"),
+        ("logs", _cmd_logs, "logs of a submitted job"),
+        ("stop", _cmd_stop, "stop a submitted job"),
+    ]:
+        c = sub.add_parser(name, help=helptext)
+        c.add_argument("job_id")
+        c.add_argument("--address", required=True, help="dashboard address, e.g. http://HEAD:8265")
+        if name == "logs":
+            c.add_argument("--follow", "-f", action="store_true")
+        c.set_defaults(fn=fn)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+    try:
+        return args.fn(args)
+    except UserError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Parquet I/O, schema checks and Ray Data helpers."""

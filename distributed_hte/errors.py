@@ -1,0 +1,30 @@
+"""User-facing errors.
+
+Every error a user can fix (a bad spec, bad data, an unreachable cluster) is a
+``UserError``: the CLI prints its one-paragraph message and exits with code 2.
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error caused by the user's input; the CLI exits with code 2."""
+
+    exit_code = 2
+
+
+class SpecError(UserError):
+    """A job spec that cannot be parsed or does not validate."""
+
+
+class DataError(UserError):
+    """Input data that is missing, empty, or does not match what the kind needs."""
+
+
+class ClusterError(UserError):
+    """A Ray cluster that cannot be reached or refuses the request."""
+
+
+class RunDirError(UserError):
+    """A run directory that cannot be used as asked (e.g. already complete)."""

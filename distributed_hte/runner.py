@@ -1,0 +1,109 @@
+"""Run the stages a spec asks for into one run directory.
+
+simulate (optional) → prepare (data checks; before anything is written) → fit, or a
+Tune sweep of fits → estimate → report. The run directory is marked complete only when
+every stage succeeded; any failure marks it failed and re-raises.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from distributed_hte.kinds import get_kind
+from distributed_hte.rundir import RunDir
+from distributed_hte.runtime import RayTarget, embedded_num_cpus, init_ray, resolve_target
+from distributed_hte.spec import JobSpec, validate_spec
+
+log = logging.getLogger(__name__)
+
+
+def ray_target_for(spec: JobSpec, cli_address: str | None = None) -> RayTarget:
+    """The Ray a spec runs on, with an embedded Ray sized for its workers (and trials)."""
+    trials = 1
+    if spec.tune is not None:
+        trials = spec.tune.max_concurrent_trials or 1
+    cpw = float((spec.scaling.resources_per_worker or {}).get("CPU", 1))
+    num_cpus = spec.runtime.num_cpus or embedded_num_cpus(spec.scaling.num_workers, cpw, trials)
+    return resolve_target(cli_address, spec.runtime.address, num_cpus)
+
+
+def with_simulated_data(spec: JobSpec, progress: bool = True) -> JobSpec:
+    """Run the simulate stage if the spec has one; return the spec pointing at its data.
+
+    A local ``data.path`` is made absolute: Ray workers and Tune trials run elsewhere.
+    """
+    kind = get_kind(spec.kind)
+    raw = spec.to_dict()
+    if getattr(spec, "simulate", None) is not None:
+        raw["data"]["path"] = str(kind.simulate(spec, progress=progress))
+    path = raw.get("data", {}).get("path")
+    if path and "://" not in path:
+        raw["data"]["path"] = str(Path(path).expanduser().resolve())
+    return validate_spec(raw, source="(resolved spec)")
+
+
+def run_job(spec: JobSpec, run_dir: str | None = None, address: str | None = None) -> Path:
+    """Execute ``spec`` end to end; return the complete run directory."""
+    kind = get_kind(spec.kind)
+    if getattr(spec, "simulate", None) is None:
+        kind.check(spec)  # metadata checks first: bad data fails before Ray starts
+    init_ray(ray_target_for(spec, address), spec.runtime.runtime_env)
+    t0 = time.perf_counter()
+    spec = with_simulated_data(spec)
+    prepared = kind.prepare(spec)  # bad data fails here, before the run directory exists
+    run = RunDir.open(spec.to_dict(), spec.outputs.dir, spec.name, run_dir)
+    run.attach_log()
+    log.info("[run] %s (%s) → %s", spec.name, spec.kind, run.path)
+    try:
+        if spec.tune is not None:
+            from distributed_hte.tune.sweep import run_sweep
+
+            metrics = run_sweep(kind, spec, prepared, run)
+        else:
+            metrics = kind.execute(spec, prepared, run)
+        summary = {
+            "seconds": round(time.perf_counter() - t0, 2),
+            "kind": spec.kind,
+            "name": spec.name,
+        }
+        run.mark_complete(summary)
+        print_summary(spec, metrics, run.path)
+        return run.path
+    except BaseException as exc:
+        run.mark_failed(exc)
+        log.error(
+            "[run] failed: %s: %s (run directory marked failed: %s)",
+            type(exc).__name__,
+            exc,
+            run.path,
+        )
+        raise
+    finally:
+        run.detach_log()
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
+    else:
+        out[prefix] = value
+
+
+def print_summary(spec: JobSpec, metrics: dict[str, Any], path: Path) -> None:
+    """A readable result summary on stdout (the CLI prints the run directory after it)."""
+    flat: dict[str, Any] = {}
+    _flatten("", metrics, flat)
+    width = max((len(k) for k in flat), default=10)
+    lines = [f"== {spec.name} ({spec.kind}) result =="]
+    for k, v in flat.items():
+        shown = (
+            f"{v:.6g}" if isinstance(v, float) else json.dumps(v) if not isinstance(v, str) else v
+        )
+        lines.append(f"  {k:<{width}}  {shown}")
+    lines.append(f"  {'run directory':<{width}}  {path}")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,121 @@
+"""Which Ray a command uses, and how an embedded one is sized.
+
+Policy (see ``shared/notes/ray_on_small_machines.md``): on a 2-core machine
+``ray.init(num_cpus=2)`` with two 1-CPU Train workers deadlocks, because Ray Data's read
+tasks never get a CPU. An *embedded* Ray therefore advertises more logical CPUs than
+there are cores: enough for every Train worker plus ``DATA_CPUS`` for Ray Data, and never
+fewer than the machine has. The OS time-shares the cores; each torch worker runs with
+one thread so they do not fight. On a cluster (``--address`` / ``RAY_ADDRESS`` /
+``runtime.address``) nothing is sized: the real resource counts apply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+from distributed_hte.errors import ClusterError
+
+log = logging.getLogger(__name__)
+
+# Logical CPUs kept free for Ray Data reads/transforms next to the Train workers.
+DATA_CPUS = 2
+
+
+@dataclass(frozen=True)
+class RayTarget:
+    """Where to run: an existing cluster (``address``) or an embedded local Ray."""
+
+    address: str | None
+    num_cpus: int | None = None
+
+
+def embedded_num_cpus(
+    num_workers: int, cpus_per_worker: float = 1.0, concurrent_trials: int = 1
+) -> int:
+    """Logical CPUs for an embedded Ray that can run the workers and Ray Data at once."""
+    needed = int(num_workers * cpus_per_worker * concurrent_trials + 0.999) + DATA_CPUS
+    return max(os.cpu_count() or 1, needed)
+
+
+def resolve_target(
+    cli_address: str | None, spec_address: str | None, num_cpus: int | None
+) -> RayTarget:
+    """CLI address beats ``RAY_ADDRESS`` beats the spec; none of them means embedded."""
+    address = cli_address or os.environ.get("RAY_ADDRESS") or spec_address
+    return RayTarget(address=address or None, num_cpus=num_cpus)
+
+
+def init_ray(target: RayTarget, runtime_env: dict | None = None) -> None:
+    """Connect to or start Ray once per process. Unreachable clusters raise ClusterError."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+    # Ray Data's own progress bars flood non-interactive logs; we print our own.
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    if target.address:
+        _check_reachable(target.address)
+        try:
+            ray.init(address=target.address, runtime_env=runtime_env, log_to_driver=True)
+        except (ConnectionError, TimeoutError, RuntimeError) as exc:
+            raise ClusterError(
+                f"could not connect to the Ray cluster at {target.address}: {exc}"
+            ) from exc
+        log.info("connected to Ray at %s", target.address)
+        return
+    num_cpus = target.num_cpus or embedded_num_cpus(2)
+    ray.init(
+        num_cpus=num_cpus,
+        # Ray Train V2's placement-group cleaner polls the State API, which the dashboard serves.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        runtime_env=runtime_env,
+        configure_logging=True,
+        logging_level=logging.WARNING,
+        log_to_driver=True,
+    )
+    log.info(
+        "started an embedded Ray with %d logical CPUs on %d cores", num_cpus, os.cpu_count() or 1
+    )
+    _quiet_ray_data()
+
+
+def _quiet_ray_data() -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast (seconds, not minutes of retries) when a host:port does not answer."""
+    import socket
+    from urllib.parse import urlparse
+
+    if address == "auto" or address.startswith("local"):
+        return
+    parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    host, port = parsed.hostname, parsed.port
+    if not host or not port:
+        return
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            pass
+    except OSError as exc:
+        raise ClusterError(
+            f"the Ray cluster at {address} is unreachable ({exc.strerror or exc}); check the address "
+            "and that the head node is running (`ray status` on the head)"
+        ) from exc
+
+
+def shutdown_ray() -> None:
+    """Stop the embedded Ray (or disconnect) if this process started one."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()

@@ -1,0 +1,282 @@
+"""The one per-worker training loop every neural kind uses.
+
+A kind plugs in a :class:`TrainPlugin`: build the model, turn a numpy batch into
+tensors, the loss on a batch, and additive evaluation sums. The loop does the rest:
+shard iteration, device placement and DDP through Ray Train, AMP on GPU, LR schedule,
+all-reduced metrics, a checkpoint per epoch (with the best weights so far), resume
+from the last checkpoint, early stopping, and progress lines (epoch, rows/s, ETA).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger("distributed_hte.train")
+
+CHECKPOINT_FILE = "state.pt"
+BEST_MODEL_FILE = "best_model.pt"
+
+
+class TrainPlugin(Protocol):
+    """What a model kind gives the generic loop. Must be picklable."""
+
+    columns: list[str]
+
+    def build_model(self) -> nn.Module: ...
+
+    def to_tensors(
+        self, batch: dict[str, np.ndarray], device: torch.device
+    ) -> dict[str, torch.Tensor]: ...
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean loss over the batch (a scalar)."""
+        ...
+
+    def eval_sums(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Additive statistics over the batch (summed over batches and workers)."""
+        ...
+
+    def eval_metrics(self, sums: dict[str, float], prefix: str) -> dict[str, float]:
+        """Metrics from summed statistics, keys prefixed with ``prefix`` (train_/val_)."""
+        ...
+
+
+def _all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, float]:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return sums
+    keys = sorted(sums)
+    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+def _add(into: dict[str, float], part: dict[str, float]) -> None:
+    for k, v in part.items():
+        into[k] = into.get(k, 0.0) + float(v)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def make_optimizer(
+    model: nn.Module, train: dict[str, Any], plugin: Any = None
+) -> torch.optim.Optimizer:
+    """Optimizer from the spec's ``train`` section.
+
+    A plugin may split parameters into groups with an ``lr_scale`` (a multiple of the
+    scheduled LR); without one, every parameter has scale 1.
+    """
+    if plugin is not None and hasattr(plugin, "param_groups"):
+        params: Any = plugin.param_groups(model)
+    else:
+        params = [{"params": [p for p in model.parameters() if p.requires_grad], "lr_scale": 1.0}]
+    if train["optimizer"] == "sgd":
+        return torch.optim.SGD(
+            params, lr=train["lr"], momentum=0.9, weight_decay=train["weight_decay"]
+        )
+    cls = torch.optim.AdamW if train["optimizer"] == "adamw" else torch.optim.Adam
+    return cls(params, lr=train["lr"], weight_decay=train["weight_decay"])
+
+
+def lr_factor(step: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the base LR at ``step``: cosine decay to 1% or constant."""
+    if schedule == "constant" or total_steps <= 0:
+        return 1.0
+    progress = min(step / total_steps, 1.0)
+    return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _configure_worker_logging() -> None:
+    # Our progress lines only: Ray's own INFO chatter stays at its default level.
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
+    """Ray Train worker function. ``config``: plugin, train (TrainSpec dict), rows."""
+    import ray.train
+    import ray.train.torch
+
+    plugin: TrainPlugin = config["plugin"]
+    train = config["train"]
+    rows_per_worker = max(int(config["train_rows"]), 1)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    _configure_worker_logging()
+    torch.manual_seed(train["seed"])
+    device = ray.train.torch.get_device()
+    use_amp = bool(train["amp"]) and device.type == "cuda"
+
+    model = plugin.build_model().to(device)
+    optimizer = make_optimizer(model, train, plugin)
+    steps_per_epoch = math.ceil(rows_per_worker / train["batch_size"])
+    total_steps = steps_per_epoch * train["epochs"]
+    state: dict[str, Any] = {
+        "epoch": 0,
+        "step": 0,
+        "best_val": float("inf"),
+        "bad_epochs": 0,
+        "best_epoch": -1,
+        "history": [],
+    }
+    best_state: dict[str, torch.Tensor] | None = None
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            saved = torch.load(
+                os.path.join(d, CHECKPOINT_FILE), map_location=device, weights_only=False
+            )
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            state = saved["state"]
+            best_state = torch.load(
+                os.path.join(d, BEST_MODEL_FILE), map_location="cpu", weights_only=False
+            )
+        if rank == 0:
+            log.info("resumed from checkpoint after epoch %d", state["epoch"])
+
+    model = ray.train.torch.prepare_model(model)
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if "val" in config["datasets"] else None
+    patience = train["early_stopping_patience"]
+    first_epoch = state["epoch"]
+    last_log = time.perf_counter()
+    run_started = time.perf_counter()
+    rows_done_run = 0
+
+    for epoch in range(state["epoch"], train["epochs"]):
+        model.train()
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        rows = 0
+        t_first: float | None = None
+        for batch in train_shard.iter_batches(
+            batch_size=train["batch_size"], batch_format="numpy", prefetch_batches=2
+        ):
+            if t_first is None:
+                t_first = time.perf_counter()
+            tensors = plugin.to_tensors(batch, device)
+            for group in optimizer.param_groups:
+                group["lr"] = (
+                    group["lr_scale"]
+                    * train["lr"]
+                    * lr_factor(state["step"], total_steps, train["lr_schedule"])
+                )
+            with torch.autocast(device_type=device.type, enabled=use_amp):
+                loss = plugin.loss(model, tensors)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            n = len(next(iter(batch.values())))
+            rows += n
+            state["step"] += 1
+            _add(sums, {"loss_sum": float(loss.detach()) * n, "n": n})
+            now = time.perf_counter()
+            if rank == 0 and now - last_log >= train["log_every_s"]:
+                last_log = now
+                rate = rows / max(now - (t_first or t0), 1e-9)
+                eta_epoch = max(rows_per_worker - rows, 0) / max(rate, 1e-9)
+                log.info(
+                    "[train] epoch %d/%d  %5.1f%%  %.0f rows/s/worker  loss %.5g  epoch ETA %.0fs",
+                    epoch + 1,
+                    train["epochs"],
+                    100.0 * rows / rows_per_worker,
+                    rate,
+                    float(loss),
+                    eta_epoch,
+                )
+        train_seconds = time.perf_counter() - t0
+        rows_done_run += rows
+
+        metrics = {
+            "epoch": epoch + 1,
+            "rows_per_s_per_worker": rows / max(train_seconds, 1e-9),
+            # Wait for the first batch of the epoch: Ray Data pipeline start-up.
+            "first_batch_seconds": (t_first or t0) - t0,
+        }
+        train_totals = _all_reduce_sums(sums, device)
+        metrics["train_loss"] = train_totals["loss_sum"] / max(train_totals["n"], 1)
+        metrics["rows_per_s"] = train_totals["n"] / max(train_seconds, 1e-9)
+        if val_shard is not None:
+            model.eval()
+            val_sums: dict[str, float] = {}
+            with torch.no_grad():
+                for batch in val_shard.iter_batches(
+                    batch_size=max(train["batch_size"], 8192), batch_format="numpy"
+                ):
+                    _add(
+                        val_sums, plugin.eval_sums(_unwrap(model), plugin.to_tensors(batch, device))
+                    )
+            metrics.update(plugin.eval_metrics(_all_reduce_sums(val_sums, device), "val_"))
+        monitored = metrics.get("val_loss", metrics["train_loss"])
+        improved = monitored < state["best_val"]
+        if improved:
+            state.update(best_val=monitored, bad_epochs=0, best_epoch=epoch + 1)
+            best_state = {
+                k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()
+            }
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        stop = patience is not None and state["bad_epochs"] >= patience
+        metrics.update(
+            best_epoch=state["best_epoch"],
+            best_val_loss=state["best_val"],
+            early_stopped=bool(stop),
+            resumed_from_epoch=first_epoch,
+        )
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        state["history"].append(dict(metrics))
+
+        if rank == 0:
+            elapsed = time.perf_counter() - run_started
+            epochs_left = train["epochs"] - (epoch + 1)
+            log.info(
+                "[train] epoch %d/%d done  train_loss %.5g  %s  %.0f rows/s  ETA %.0fs%s",
+                epoch + 1,
+                train["epochs"],
+                metrics["train_loss"],
+                f"val_loss {metrics['val_loss']:.5g}" if "val_loss" in metrics else "",
+                metrics["rows_per_s"],
+                elapsed / (epoch + 1 - first_epoch) * epochs_left,
+                "  (early stop)" if stop else "",
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                torch.save(
+                    {
+                        "model": _unwrap(model).state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "state": state,
+                    },
+                    os.path.join(tmp, CHECKPOINT_FILE),
+                )
+                torch.save(best_state, os.path.join(tmp, BEST_MODEL_FILE))
+                with open(os.path.join(tmp, "metrics.json"), "w") as f:
+                    json.dump(metrics, f)
+                with open(os.path.join(tmp, "history.json"), "w") as f:
+                    json.dump(state["history"], f)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+        if stop:
+            break
+    return {"state": state, "rows_trained": rows_done_run, "world_size": world}

@@ -1,0 +1,105 @@
+"""Build a Ray ``TorchTrainer`` from a spec and run the generic loop.
+
+Ray's own config objects (``ScalingConfig``, ``RunConfig``, ``FailureConfig``) are built
+from the spec rather than re-invented. Checkpoints live under ``<run_dir>/train``; running
+again with the same run directory resumes from the last checkpoint (Ray Train restores a
+run with the same ``RunConfig(name, storage_path)``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from distributed_hte.spec import JobSpec
+from distributed_hte.train.loop import BEST_MODEL_FILE, TrainPlugin, train_loop_per_worker
+
+TRAIN_SUBDIR = "train"
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What the driver gets back from training."""
+
+    best_model_path: Path  # state_dict of the best epoch (by validation loss)
+    final_metrics: dict[str, Any]  # metrics of the last reported epoch
+    history: list[dict[str, Any]]  # one dict per epoch
+    checkpoint_dir: Path
+
+
+def scaling_config(spec: JobSpec):
+    """Ray ``ScalingConfig`` from the spec's ``scaling`` section."""
+    from ray.train import ScalingConfig
+
+    resources = dict(spec.scaling.resources_per_worker or {})
+    if not resources:
+        resources = {"CPU": 1}
+    if spec.scaling.use_gpu:
+        resources.setdefault("GPU", 1)
+    return ScalingConfig(
+        num_workers=spec.scaling.num_workers,
+        use_gpu=spec.scaling.use_gpu,
+        resources_per_worker=resources,
+    )
+
+
+def fit(
+    spec: JobSpec,
+    plugin: TrainPlugin,
+    datasets: dict[str, Any],
+    train_rows: int,
+    run_dir: Path,
+    callbacks: list | None = None,
+) -> FitResult:
+    """Train ``plugin``'s model on ``datasets`` ("train", optional "val") with DDP."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    storage = Path(run_dir).resolve()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "plugin": plugin,
+            "train": spec.train.model_dump(),
+            "train_rows": train_rows // spec.scaling.num_workers,
+            "datasets": sorted(datasets),
+        },
+        scaling_config=scaling_config(spec),
+        torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
+        datasets=datasets,
+        run_config=RunConfig(
+            name=TRAIN_SUBDIR,
+            storage_path=str(storage),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=0),
+            callbacks=callbacks or None,
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}
+            if not spec.scaling.use_gpu
+            else None,
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError("training finished without a checkpoint")
+    # Copy what the driver needs out of the checkpoint (which may live on remote storage).
+    model_dir = storage / "model"
+    model_dir.mkdir(exist_ok=True)
+    with result.checkpoint.as_directory() as d:
+        shutil.copy(Path(d) / BEST_MODEL_FILE, model_dir / BEST_MODEL_FILE)
+        final = json.loads((Path(d) / "metrics.json").read_text())
+        # Every epoch's metrics, including those before a resume.
+        history = json.loads((Path(d) / "history.json").read_text())
+    return FitResult(
+        best_model_path=model_dir / BEST_MODEL_FILE,
+        final_metrics=final,
+        history=history,
+        checkpoint_dir=Path(result.checkpoint.path),
+    )
+
+
+def cpus_per_worker(spec: JobSpec) -> float:
+    """Logical CPUs one Train worker asks for."""
+    return float((spec.scaling.resources_per_worker or {}).get("CPU", 1))

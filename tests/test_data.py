@@ -1,0 +1,115 @@
+"""Schema checks, the profiling pass and the stable split."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from distributed_hte.data.schema import ColumnRequirement, check_schema
+from distributed_hte.data.split import filter_split, split_unit
+from distributed_hte.errors import DataError
+
+REQ = [
+    ColumnRequirement("y", "data.outcome", "numeric"),
+    ColumnRequirement("t", "data.treatment", "numeric"),
+    ColumnRequirement("user", "data.fixed_effects", "id"),
+]
+
+
+def _frame(n=50):
+    rng = np.random.default_rng(0)
+    return pd.DataFrame(
+        {"y": rng.normal(size=n), "t": rng.poisson(2, n), "user": rng.integers(0, 5, n)}
+    )
+
+
+def test_a_good_dataset_passes(small_parquet):
+    s = check_schema(str(small_parquet(_frame())), REQ)
+    assert s.n_rows == 50 and s.n_files == 1
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        check_schema(str(tmp_path / "nope"), REQ)
+
+
+def test_empty_dataset(small_parquet):
+    with pytest.raises(DataError, match="is empty"):
+        check_schema(str(small_parquet(_frame().iloc[:0])), REQ)
+
+
+def test_missing_column_names_field_and_lists_columns(small_parquet):
+    with pytest.raises(
+        DataError, match=r"no column 't' \(named by data.treatment\); its columns are: y, user"
+    ):
+        check_schema(str(small_parquet(_frame().drop(columns="t"))), REQ)
+
+
+def test_wrong_dtype(small_parquet):
+    df = _frame()
+    df["t"] = df["t"].astype(str)
+    with pytest.raises(
+        DataError,
+        match=r"column 't' \(named by data.treatment\).*has type (large_)?string; it must be a numeric",
+    ):
+        check_schema(str(small_parquet(df)), REQ)
+
+
+def test_nulls_in_a_required_column(small_parquet):
+    df = _frame().astype({"t": "float64"})
+    df.loc[3, "t"] = None
+    folder = small_parquet(df)
+    # pandas writes NaN for a float None; write a true null with Arrow.
+    table = pa.Table.from_pandas(_frame(), preserve_index=False)
+    t = pa.array(
+        [None if i == 3 else v for i, v in enumerate(table.column("t").to_pylist())], pa.int64()
+    )
+    pq.write_table(table.set_column(1, "t", t), folder / "part-0.parquet")
+    with pytest.raises(DataError, match=r"column 't' \(named by data.treatment\) has 1 null"):
+        check_schema(str(folder), REQ)
+
+
+def test_profile_finds_nan_and_builds_vocabularies(ray_session, small_parquet):
+    import ray.data
+
+    from distributed_hte.data.profile import profile_dataset
+
+    df = _frame(1000)
+    folder = small_parquet(df)
+    prof = profile_dataset(ray.data.read_parquet(str(folder)), ["y", "t"], ["user"], {})
+    assert prof.n_rows == 1000
+    np.testing.assert_array_equal(prof.vocab["user"], np.sort(df.user.unique()))
+    assert prof.id_counts["user"].sum() == 1000
+    assert prof.moments["y"].mean == pytest.approx(df.y.mean())
+    assert prof.moments["y"].std == pytest.approx(df.y.std(ddof=0))
+
+    t = df["t"].to_numpy(dtype=float)
+    t[10] = np.nan
+    folder = small_parquet(df, "nan")
+    # A real NaN (not a null): Arrow keeps NaN when built from numpy.
+    pq.write_table(
+        pa.table({"y": df.y.to_numpy(), "t": pa.array(t), "user": df.user.to_numpy()}),
+        folder / "part-0.parquet",
+    )
+    with pytest.raises(DataError, match=r"column 't' \(named by data.treatment\) has 1 NaN"):
+        profile_dataset(
+            ray.data.read_parquet(str(folder)), ["y", "t"], ["user"], {"t": "data.treatment"}
+        )
+
+
+def test_split_is_stable_disjoint_and_near_the_fraction():
+    rng = np.random.default_rng(1)
+    batch = {"a": rng.integers(0, 10**9, 20_000), "b": rng.normal(size=20_000)}
+    u1 = split_unit(batch, ["a", "b"])
+    # Reordering rows (another partitioning) does not change any row's side.
+    perm = rng.permutation(20_000)
+    u2 = split_unit({k: v[perm] for k, v in batch.items()}, ["a", "b"])
+    np.testing.assert_array_equal(u1[perm], u2)
+    train = filter_split(batch, ["a", "b"], 0.2, "train")
+    val = filter_split(batch, ["a", "b"], 0.2, "val")
+    assert len(train["a"]) + len(val["a"]) == 20_000
+    assert not set(train["a"]) & set(val["a"])
+    assert 0.18 < len(val["a"]) / 20_000 < 0.22

@@ -240,60 +240,66 @@ class FeHtePlugin:
 # ----------------------------------------------------------------------------- prediction
 
 
-class FeHtePredictor:
-    """Ray Data ``map_batches`` callable: adds ``beta_hat``, ``g_hat``, ``y_hat``."""
+_MODEL_CACHE: dict[int, FixedEffectsHTE] = {}
 
-    def __init__(self, plugin: FeHtePlugin, state: bytes, keep: list[str]) -> None:
+
+def _cached_model(plugin: FeHtePlugin, state: bytes) -> FixedEffectsHTE:
+    """Build a model once per process and weights (Ray reuses worker processes)."""
+    key = hash(state)
+    if key not in _MODEL_CACHE:
         torch.set_num_threads(1)
-        self.plugin = plugin
-        self.model = plugin.build_model()
-        self.model.load_state_dict(
-            torch.load(io.BytesIO(state), map_location="cpu", weights_only=False)
-        )
-        self.model.eval()
-        self.keep = keep
-
-    def predict(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        b = self.plugin.to_tensors(batch, torch.device("cpu"))
-        with torch.no_grad():
-            out = self.model(b["x_beta"], b["x_g"], b["t"], b["ids"])
-        _, unseen = self.plugin.encode_ids(batch)
-        res = {c: np.asarray(batch[c]) for c in self.keep if c in batch}
-        res.update(
-            beta_hat=out["beta"].numpy().astype(np.float64),
-            g_hat=out["g"].numpy().astype(np.float64),
-            y_hat=out["y_hat"].numpy().astype(np.float64),
-            fe_unseen=unseen,
-        )
-        return res
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return self.predict(batch)
+        model = plugin.build_model()
+        model.load_state_dict(torch.load(io.BytesIO(state), map_location="cpu", weights_only=False))
+        _MODEL_CACHE.clear()
+        _MODEL_CACHE[key] = model.eval()
+    return _MODEL_CACHE[key]
 
 
-class FeHteEvaluator(FeHtePredictor):
-    """Ray Data callable: one row of additive metric sums per batch (train / val / truth)."""
+def predict_batch(
+    batch: dict[str, np.ndarray], plugin: FeHtePlugin, state: bytes, keep: list[str]
+) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: ``keep`` columns plus ``beta_hat``, ``g_hat``, ``y_hat``, ``fe_unseen``.
 
-    def __init__(self, plugin, state, keep, split_key, val_fraction, beta_true, g_true) -> None:
-        super().__init__(plugin, state, keep)
-        self.split_key, self.val_fraction = split_key, val_fraction
-        self.beta_true, self.g_true = beta_true, g_true
+    Runs as stateless tasks (no actor pool): a task holds its CPU only while it works,
+    so scoring never deadlocks with Train workers or Tune trials on a small cluster.
+    """
+    model = _cached_model(plugin, state)
+    b = plugin.to_tensors(batch, torch.device("cpu"))
+    with torch.no_grad():
+        out = model(b["x_beta"], b["x_g"], b["t"], b["ids"])
+    _, unseen = plugin.encode_ids(batch)
+    res = {c: np.asarray(batch[c]) for c in keep if c in batch}
+    res.update(
+        beta_hat=out["beta"].numpy().astype(np.float64),
+        g_hat=out["g"].numpy().astype(np.float64),
+        y_hat=out["y_hat"].numpy().astype(np.float64),
+        fe_unseen=unseen,
+    )
+    return res
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        pred = self.predict(batch)
-        y = np.asarray(batch[self.plugin.outcome], dtype=np.float64)
-        is_val = split_unit(batch, self.split_key) < self.val_fraction
-        sums: dict[str, float] = {}
-        for side, mask in (("train", ~is_val), ("val", is_val)):
-            for k, v in regression_sums(y[mask], pred["y_hat"][mask]).items():
-                sums[f"{side}_{k}"] = v
-        if self.beta_true and self.beta_true in batch:
-            sums.update(
-                correlation_sums(pred["beta_hat"], np.asarray(batch[self.beta_true]), "beta")
-            )
-        if self.g_true and self.g_true in batch:
-            sums.update(correlation_sums(pred["g_hat"], np.asarray(batch[self.g_true]), "g"))
-        return {k: np.array([v]) for k, v in sums.items()}
+
+def evaluation_sums_batch(
+    batch: dict[str, np.ndarray],
+    plugin: FeHtePlugin,
+    state: bytes,
+    split_key: list[str],
+    val_fraction: float,
+    beta_true: str | None,
+    g_true: str | None,
+) -> dict[str, np.ndarray]:
+    """Ray Data ``map_batches`` function: one row of additive metric sums per batch."""
+    pred = predict_batch(batch, plugin, state, [])
+    y = np.asarray(batch[plugin.outcome], dtype=np.float64)
+    is_val = split_unit(batch, split_key) < val_fraction
+    sums: dict[str, float] = {}
+    for side, mask in (("train", ~is_val), ("val", is_val)):
+        for k, v in regression_sums(y[mask], pred["y_hat"][mask]).items():
+            sums[f"{side}_{k}"] = v
+    if beta_true and beta_true in batch:
+        sums.update(correlation_sums(pred["beta_hat"], np.asarray(batch[beta_true]), "beta"))
+    if g_true and g_true in batch:
+        sums.update(correlation_sums(pred["g_hat"], np.asarray(batch[g_true]), "g"))
+    return {k: np.array([v]) for k, v in sums.items()}
 
 
 # ----------------------------------------------------------------------------- the kind
@@ -468,7 +474,9 @@ class FeHteKind(Kind):
         model.load_state_dict(
             torch.load(result.best_model_path, map_location="cpu", weights_only=False)
         )
-        counts = [torch.from_numpy(prepared.profile.id_counts[c]) for c in plugin.fixed_effects]
+        counts = [
+            torch.as_tensor(prepared.profile.id_counts[c].copy()) for c in plugin.fixed_effects
+        ]
         model.normalize_(counts)
         buf = io.BytesIO()
         torch.save(model.state_dict(), buf)
@@ -505,8 +513,6 @@ class FeHteKind(Kind):
     def _evaluate(
         self, spec: FeHteSpec, prepared: FeHtePrepared, plugin: FeHtePlugin, state: bytes
     ) -> dict[str, Any]:
-        import ray.data
-
         d = spec.data
         cols = list(dict.fromkeys(plugin.columns + self.split_key(spec)))
         if prepared.has_beta_true:
@@ -516,22 +522,17 @@ class FeHteKind(Kind):
         rows = (
             _read_parquet(prepared.path, cols)
             .map_batches(
-                FeHteEvaluator,
-                fn_constructor_args=(
-                    plugin,
-                    state,
-                    [],
-                    self.split_key(spec),
-                    spec.train.val_fraction,
-                    d.beta_true,
-                    d.g_true,
-                ),
+                evaluation_sums_batch,
+                fn_kwargs={
+                    "plugin": plugin,
+                    "state": state,
+                    "split_key": self.split_key(spec),
+                    "val_fraction": spec.train.val_fraction,
+                    "beta_true": d.beta_true,
+                    "g_true": d.g_true,
+                },
                 batch_format="numpy",
                 batch_size=65_536,
-                compute=ray.data.ActorPoolStrategy(
-                    min_size=1, max_size=max(spec.scaling.num_workers, 1)
-                ),
-                num_cpus=1,
             )
             .take_all()
         )
@@ -607,8 +608,8 @@ class FeHteKind(Kind):
                 .limit(20_000)
                 .to_pandas()
             )
-            pred = FeHtePredictor(plugin, state, []).predict(
-                {c: sample[c].to_numpy() for c in sample.columns}
+            pred = predict_batch(
+                {c: sample[c].to_numpy() for c in sample.columns}, plugin, state, []
             )
             fig, ax = plt.subplots(figsize=(4.5, 4.5))
             ax.scatter(sample[d.beta_true], pred["beta_hat"], s=2, alpha=0.3)
@@ -642,22 +643,20 @@ class FeHteKind(Kind):
                 f"--out {out_path} already exists; predictions never overwrite a path"
             )
         tmp = out_path.parent / f".{out_path.name}.tmp-{uuid.uuid4().hex[:8]}"
-        import ray.data
-
         cols = [plugin.treatment, *plugin.beta_features, *plugin.g_features, *plugin.fixed_effects]
         t0 = time.perf_counter()
         try:
             (
                 _read_parquet(data_path, cols)
                 .map_batches(
-                    FeHtePredictor,
-                    fn_constructor_args=(plugin, bundle["state"], plugin.fixed_effects),
+                    predict_batch,
+                    fn_kwargs={
+                        "plugin": plugin,
+                        "state": bundle["state"],
+                        "keep": plugin.fixed_effects,
+                    },
                     batch_format="numpy",
                     batch_size=65_536,
-                    compute=ray.data.ActorPoolStrategy(
-                        min_size=1, max_size=max(os.cpu_count() or 1, 1)
-                    ),
-                    num_cpus=1,
                 )
                 .write_parquet(str(tmp))
             )

@@ -69,16 +69,7 @@ class RunDir:
     ) -> RunDir:
         """Create a new run dir, or reopen ``run_dir`` to resume a failed/interrupted run."""
         if run_dir:
-            path = Path(run_dir).expanduser().resolve()
-            if (path / COMPLETE).exists():
-                raise RunDirError(
-                    f"run directory {path} holds a complete run; choose another --run-dir "
-                    "(a complete run is never overwritten)"
-                )
-            if path.exists() and any(path.iterdir()) and not (path / STATUS).exists():
-                raise RunDirError(
-                    f"--run-dir {path} exists and is not a run directory; refusing to write into it"
-                )
+            path = cls.check_reusable(run_dir)
         else:
             path = (Path(outputs_dir).expanduser() / name / new_run_id()).resolve()
         path.mkdir(parents=True, exist_ok=True)
@@ -87,6 +78,21 @@ class RunDir:
         (path / "spec.yaml").write_text(yaml.safe_dump(spec_dict, sort_keys=False))
         run.set_status("running", resumed=previous is not None)
         return run
+
+    @staticmethod
+    def check_reusable(run_dir: str) -> Path:
+        """Raise RunDirError unless ``run_dir`` is new or an unfinished run (to resume)."""
+        path = Path(run_dir).expanduser().resolve()
+        if (path / COMPLETE).exists():
+            raise RunDirError(
+                f"run directory {path} holds a complete run; choose another --run-dir "
+                "(a complete run is never overwritten)"
+            )
+        if path.exists() and any(path.iterdir()) and not (path / STATUS).exists():
+            raise RunDirError(
+                f"--run-dir {path} exists and is not a run directory; refusing to write into it"
+            )
+        return path
 
     def status(self) -> dict[str, Any]:
         """The current ``status.json`` (empty if none)."""

@@ -49,6 +49,8 @@ def with_simulated_data(spec: JobSpec, progress: bool = True) -> JobSpec:
 def run_job(spec: JobSpec, run_dir: str | None = None, address: str | None = None) -> Path:
     """Execute ``spec`` end to end; return the complete run directory."""
     kind = get_kind(spec.kind)
+    if run_dir:
+        RunDir.check_reusable(run_dir)  # before any work: a complete run is never redone
     if getattr(spec, "simulate", None) is None:
         kind.check(spec)  # metadata checks first: bad data fails before Ray starts
     init_ray(ray_target_for(spec, address), spec.runtime.runtime_env)

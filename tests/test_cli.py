@@ -204,6 +204,7 @@ def test_run_prints_the_run_dir_last_and_writes_a_complete_run(tmp_path):
     # A complete run directory is never overwritten.
     res = dhte("run", str(QUICK), f"outputs.dir={tmp_path}", "--run-dir", str(run_dir))
     _assert_user_error(res, "complete run")
+    assert len(list((tmp_path / "data").iterdir())) == 1, "refused before simulating anything"
 
     # predict through the CLI.
     data = next((tmp_path / "data").glob("fe_hte_quickstart-*")) / "data"

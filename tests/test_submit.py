@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -28,11 +30,14 @@ def ray_head(tmp_path):
     env = {**os.environ, "PATH": f"{RAY.parent}:{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
     env.pop("RAY_ADDRESS", None)
     temp = Path("/tmp") / f"rh{port}"  # short: Ray's socket paths have a length limit
-    subprocess.run(
+    # --block keeps `ray start` in the foreground; terminating it stops exactly this
+    # head's processes (a machine-wide `ray stop` would also kill the test session's Ray).
+    head = subprocess.Popen(
         [
             str(RAY),
             "start",
             "--head",
+            "--block",
             "--node-ip-address=127.0.0.1",
             f"--port={port}",
             "--dashboard-host=127.0.0.1",
@@ -42,18 +47,30 @@ def ray_head(tmp_path):
             f"--temp-dir={temp}",
             "--dashboard-agent-listen-port",
             str(_free_port()),
-            "--min-worker-port=0",
-            "--max-worker-port=0",
         ],
-        check=True,
         env=env,
-        capture_output=True,
-        timeout=120,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
+    address = f"http://127.0.0.1:{dash}"
     try:
-        yield f"http://127.0.0.1:{dash}", env
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", dash), timeout=1):
+                    break
+            except OSError:
+                assert head.poll() is None, "ray start --head exited"
+                time.sleep(1)
+        yield address, env
     finally:
-        subprocess.run([str(RAY), "stop", "--force"], env=env, capture_output=True, timeout=120)
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _dhte(env, *args, timeout=300):

@@ -177,6 +177,9 @@ def run_sweep(kind: Kind, spec: JobSpec, prepared: Any, run: RunDir) -> dict[str
             "error" if r.error else ("complete" if row["completed"] else "stopped early")
         )
         row["trial_dir"] = str(trial_dir)
+        if not row["completed"] and (trial_dir / "status.json").exists():
+            # The scheduler killed it mid-training, or it failed: say so in its folder.
+            RunDir(trial_dir).set_status("failed" if r.error else "stopped", reason=row["status"])
         rows.append(row)
     import pandas as pd
 

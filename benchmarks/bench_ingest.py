@@ -13,12 +13,25 @@ import sys
 import time
 
 import pyarrow.parquet as pq
-
 from common import ROOT, save, simulate
 
 sys.path.insert(0, str(ROOT))
 
-COLUMNS = ["revenue", "clicks", "u0", "u1", "v0", "v1", "x0", "z0", "z1", "z2", "user_id", "vendor_id", "period"]
+COLUMNS = [
+    "revenue",
+    "clicks",
+    "u0",
+    "u1",
+    "v0",
+    "v1",
+    "x0",
+    "z0",
+    "z1",
+    "z2",
+    "user_id",
+    "vendor_id",
+    "period",
+]
 BATCH = 8192
 
 
@@ -26,7 +39,9 @@ def pyarrow_single_thread(files: list[str]) -> float:
     t0 = time.perf_counter()
     rows = 0
     for f in files:
-        for batch in pq.ParquetFile(f).iter_batches(batch_size=BATCH, columns=COLUMNS, use_threads=False):
+        for batch in pq.ParquetFile(f).iter_batches(
+            batch_size=BATCH, columns=COLUMNS, use_threads=False
+        ):
             cols = {c: batch.column(c).to_numpy() for c in COLUMNS}
             rows += len(cols["clicks"])
     return rows / (time.perf_counter() - t0)
@@ -52,8 +67,12 @@ def ray_to_worker(path: str, split: bool) -> dict:
 
     ds = ray.data.read_parquet(path, columns=COLUMNS)
     train = split_datasets(ds, COLUMNS, 0.1)["train"] if split else ds
-    trainer = TorchTrainer(_consume, scaling_config=ScalingConfig(num_workers=1), datasets={"train": train},
-                           run_config=RunConfig(storage_path="/tmp/dhte_bench_ingest"))
+    trainer = TorchTrainer(
+        _consume,
+        scaling_config=ScalingConfig(num_workers=1),
+        datasets={"train": train},
+        run_config=RunConfig(storage_path="/tmp/dhte_bench_ingest"),
+    )
     return trainer.fit().metrics
 
 
@@ -70,15 +89,20 @@ def main() -> None:
     init_ray(RayTarget(None, embedded_num_cpus(1)))
     plain = ray_to_worker(str(data / "data"), split=False)
     with_split = ray_to_worker(str(data / "data"), split=True)
-    save("ingest", {
-        "command": "python benchmarks/bench_ingest.py " + " ".join(sys.argv[1:]),
-        "rows": args.rows, "columns": len(COLUMNS), "batch_size": BATCH,
-        "pyarrow_single_thread_rows_per_s": base,
-        "ray_data_to_worker_rows_per_s": plain["rows_per_s"],
-        "ray_data_to_worker_with_split_filter_rows_per_s": with_split["rows_per_s"],
-        "ratio_ray_over_pyarrow": plain["rows_per_s"] / base,
-        "ratio_ray_with_split_over_pyarrow": with_split["rows_per_s"] / base,
-    })
+    save(
+        "ingest",
+        {
+            "command": "python benchmarks/bench_ingest.py " + " ".join(sys.argv[1:]),
+            "rows": args.rows,
+            "columns": len(COLUMNS),
+            "batch_size": BATCH,
+            "pyarrow_single_thread_rows_per_s": base,
+            "ray_data_to_worker_rows_per_s": plain["rows_per_s"],
+            "ray_data_to_worker_with_split_filter_rows_per_s": with_split["rows_per_s"],
+            "ratio_ray_over_pyarrow": plain["rows_per_s"] / base,
+            "ratio_ray_with_split_over_pyarrow": with_split["rows_per_s"] / base,
+        },
+    )
 
 
 if __name__ == "__main__":

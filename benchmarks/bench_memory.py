@@ -20,14 +20,28 @@ from common import WORK, run_measured, save
 
 def one(n: int) -> dict:
     res = run_measured(
-        [sys.executable, "-m", "distributed_hte.cli", "run", "jobs/fe_hte_50m.yaml", f"simulate.n_rows={n}",
-         f"simulate.out={WORK / f'mem_{n}'}", f"outputs.dir={WORK / 'runs'}"],
+        [
+            sys.executable,
+            "-m",
+            "distributed_hte.cli",
+            "run",
+            "jobs/fe_hte_50m.yaml",
+            f"simulate.n_rows={n}",
+            f"simulate.out={WORK / f'mem_{n}'}",
+            f"outputs.dir={WORK / 'runs'}",
+        ],
         WORK / f"memory_{n}.log",
     )
     run_dir = Path(res["last_line"])
     m = json.loads((run_dir / "metrics.json").read_text())
-    return {**res, "rows": n, "rows_per_s": m["training"]["rows_per_s"], "beta_corr": m["truth"]["beta_corr"],
-            "fit_seconds": m["training"]["fit_seconds"], "run_dir": str(run_dir)}
+    return {
+        **res,
+        "rows": n,
+        "rows_per_s": m["training"]["rows_per_s"],
+        "beta_corr": m["truth"]["beta_corr"],
+        "fit_seconds": m["training"]["fit_seconds"],
+        "run_dir": str(run_dir),
+    }
 
 
 def main() -> None:
@@ -36,11 +50,15 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=50_000_000)
     args = ap.parse_args()
     small, large = one(args.small), one(args.large)
-    save("memory", {
-        "command": "python benchmarks/bench_memory.py " + " ".join(sys.argv[1:]),
-        "small": small, "large": large,
-        "peak_ratio_large_over_small": large["peak_pss_gb"] / small["peak_pss_gb"],
-    })
+    save(
+        "memory",
+        {
+            "command": "python benchmarks/bench_memory.py " + " ".join(sys.argv[1:]),
+            "small": small,
+            "large": large,
+            "peak_ratio_large_over_small": large["peak_pss_gb"] / small["peak_pss_gb"],
+        },
+    )
 
 
 if __name__ == "__main__":

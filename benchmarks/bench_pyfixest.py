@@ -34,12 +34,24 @@ def main() -> None:
     out = {"command": "python benchmarks/bench_pyfixest.py " + " ".join(sys.argv[1:]), "cases": []}
     for n, epochs in zip(args.rows, args.epochs, strict=True):
         data = simulate(f"linear_{n}", n, seed=21)
-        ref = run_measured([sys.executable, "-c", FEOLS, str(data / "data"), FORMULA], WORK / f"feols_{n}.log")
+        ref = run_measured(
+            [sys.executable, "-c", FEOLS, str(data / "data"), FORMULA], WORK / f"feols_{n}.log"
+        )
         coef_ref = json.loads(ref["last_line"])
         ours = run_measured(
-            [sys.executable, "-m", "distributed_hte.cli", "run", "jobs/fe_hte_500k_linear.yaml",
-             f"data.path={data / 'data'}", "simulate=null", f"train.epochs={epochs}", "train.batch_size=8192",
-             f"outputs.dir={WORK / 'runs'}", "train.log_every_s=60"],
+            [
+                sys.executable,
+                "-m",
+                "distributed_hte.cli",
+                "run",
+                "jobs/fe_hte_500k_linear.yaml",
+                f"data.path={data / 'data'}",
+                "simulate=null",
+                f"train.epochs={epochs}",
+                "train.batch_size=8192",
+                f"outputs.dir={WORK / 'runs'}",
+                "train.log_every_s=60",
+            ],
             WORK / f"dhte_{n}.log",
         )
         run_dir = Path(ours["last_line"])
@@ -47,17 +59,24 @@ def main() -> None:
         metrics = json.loads((run_dir / "metrics.json").read_text())
         diffs = {k: coefs["beta"][k] - coef_ref[v] for k, v in PAIRS.items()}
         diffs.update({z: coefs["g"][z] - coef_ref[z] for z in ["z0", "z1", "z2"]})
-        out["cases"].append({
-            "rows": n,
-            "pyfixest": {"seconds": ref["seconds"], "peak_pss_gb": ref["peak_pss_gb"]},
-            "dhte": {"seconds": ours["seconds"], "peak_pss_gb": ours["peak_pss_gb"], "epochs": epochs,
-                     "fit_seconds": metrics["training"]["fit_seconds"], "run_dir": str(run_dir)},
-            "max_abs_coef_diff": max(abs(d) for d in diffs.values()),
-            "coef_diff": diffs,
-            "memory_ratio_dhte_over_pyfixest": ours["peak_pss_gb"] / ref["peak_pss_gb"],
-            "time_ratio_dhte_over_pyfixest": ours["seconds"] / ref["seconds"],
-            "beta_corr": metrics["truth"]["beta_corr"],
-        })
+        out["cases"].append(
+            {
+                "rows": n,
+                "pyfixest": {"seconds": ref["seconds"], "peak_pss_gb": ref["peak_pss_gb"]},
+                "dhte": {
+                    "seconds": ours["seconds"],
+                    "peak_pss_gb": ours["peak_pss_gb"],
+                    "epochs": epochs,
+                    "fit_seconds": metrics["training"]["fit_seconds"],
+                    "run_dir": str(run_dir),
+                },
+                "max_abs_coef_diff": max(abs(d) for d in diffs.values()),
+                "coef_diff": diffs,
+                "memory_ratio_dhte_over_pyfixest": ours["peak_pss_gb"] / ref["peak_pss_gb"],
+                "time_ratio_dhte_over_pyfixest": ours["seconds"] / ref["seconds"],
+                "beta_corr": metrics["truth"]["beta_corr"],
+            }
+        )
         save("pyfixest", out)
 
 

@@ -12,20 +12,22 @@ Steady state: the rates are from the last epoch (the first includes pipeline sta
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.dataset as pads
 import torch
-
 from common import ROOT, WORK, run_measured, save, simulate
 
 BATCH = 8192
-MODEL = ["model.beta_net.hidden=[128,64,32]", "model.beta_net.dropout=0.1", "model.beta_net.batchnorm=true",
-         "model.g_net.hidden=[64,32]", "model.g_net.batchnorm=true"]
+MODEL = [
+    "model.beta_net.hidden=[128,64,32]",
+    "model.beta_net.dropout=0.1",
+    "model.beta_net.batchnorm=true",
+    "model.g_net.hidden=[64,32]",
+    "model.g_net.batchnorm=true",
+]
 
 
 def bare_loop(data: Path, max_rows: int) -> float:
@@ -36,14 +38,20 @@ def bare_loop(data: Path, max_rows: int) -> float:
 
     torch.set_num_threads(1)
     table = pads.dataset(data / "data").head(max_rows)
-    spec = load_spec(ROOT / "jobs/fe_hte_500k_nonlinear.yaml", [f"data.path={data / 'data'}", "simulate=null", *MODEL])
+    spec = load_spec(
+        ROOT / "jobs/fe_hte_500k_nonlinear.yaml",
+        [f"data.path={data / 'data'}", "simulate=null", *MODEL],
+    )
     # The same plugin (vocabularies, scaling) the Ray workers get, built from this table.
-    from distributed_hte.data.profile import _profile_block, merge_profiles
     import pickle
+
+    from distributed_hte.data.profile import _profile_block, merge_profiles
 
     d = spec.data
     numeric = [d.outcome, d.treatment, *d.beta_features, *d.g_features]
-    prof = merge_profiles([pickle.loads(_profile_block(table, numeric, d.fixed_effects)["profile"][0])])
+    prof = merge_profiles(
+        [pickle.loads(_profile_block(table, numeric, d.fixed_effects)["profile"][0])]
+    )
 
     class P:  # the minimum FeHteKind.make_plugin reads
         profile = prof
@@ -51,7 +59,9 @@ def bare_loop(data: Path, max_rows: int) -> float:
     plugin = FeHteKind().make_plugin(spec, P)
     model = plugin.build_model()
     opt = torch.optim.Adam(plugin.param_groups(model), lr=1e-3)
-    batch = plugin.to_tensors({c: table.column(c).to_numpy() for c in plugin.columns}, torch.device("cpu"))
+    batch = plugin.to_tensors(
+        {c: table.column(c).to_numpy() for c in plugin.columns}, torch.device("cpu")
+    )
     n = len(batch["y"])
     t0 = time.perf_counter()
     for i in range(0, n - BATCH + 1, BATCH):
@@ -65,19 +75,38 @@ def bare_loop(data: Path, max_rows: int) -> float:
 
 def ray_run(data: Path, workers: int, epochs: int) -> dict:
     res = run_measured(
-        [sys.executable, "-m", "distributed_hte.cli", "run", "jobs/fe_hte_500k_nonlinear.yaml", f"data.path={data / 'data'}",
-         "simulate=null", *MODEL, f"train.epochs={epochs}", f"train.batch_size={BATCH}", "train.val_fraction=0.0",
-         "train.early_stopping_patience=null", "data.cache=never", f"scaling.num_workers={workers}",
-         f"outputs.dir={WORK / 'runs'}", "train.log_every_s=60"],
+        [
+            sys.executable,
+            "-m",
+            "distributed_hte.cli",
+            "run",
+            "jobs/fe_hte_500k_nonlinear.yaml",
+            f"data.path={data / 'data'}",
+            "simulate=null",
+            *MODEL,
+            f"train.epochs={epochs}",
+            f"train.batch_size={BATCH}",
+            "train.val_fraction=0.0",
+            "train.early_stopping_patience=null",
+            "data.cache=never",
+            f"scaling.num_workers={workers}",
+            f"outputs.dir={WORK / 'runs'}",
+            "train.log_every_s=60",
+        ],
         WORK / f"train_{workers}w.log",
     )
     import pandas as pd
 
     hist = pd.read_parquet(Path(res["last_line"]) / "history.parquet")
     last = hist.iloc[-1]
-    return {"rows_per_s": float(last["rows_per_s"]), "rows_per_s_per_worker": float(last["rows_per_s_per_worker"]),
-            "first_batch_seconds": float(last["first_batch_seconds"]), "epoch_seconds": float(last["epoch_seconds"]),
-            "wall_seconds": res["seconds"], "peak_pss_gb": res["peak_pss_gb"]}
+    return {
+        "rows_per_s": float(last["rows_per_s"]),
+        "rows_per_s_per_worker": float(last["rows_per_s_per_worker"]),
+        "first_batch_seconds": float(last["first_batch_seconds"]),
+        "epoch_seconds": float(last["epoch_seconds"]),
+        "wall_seconds": res["seconds"],
+        "peak_pss_gb": res["peak_pss_gb"],
+    }
 
 
 def main() -> None:
@@ -89,15 +118,20 @@ def main() -> None:
     bare = bare_loop(data, min(args.rows, 1_000_000))
     one = ray_run(data, 1, args.epochs)
     two = ray_run(data, 2, args.epochs)
-    save("training", {
-        "command": "python benchmarks/bench_training.py " + " ".join(sys.argv[1:]),
-        "rows": args.rows, "batch_size": BATCH, "model": "beta 128-64-32 BN dropout, g 64-32 BN (seed)",
-        "bare_loop_rows_per_s": bare,
-        "ray_1_worker": one,
-        "ray_2_workers": two,
-        "efficiency_ray_per_worker_over_bare": one["rows_per_s_per_worker"] / bare,
-        "scaling_2_over_1_workers": two["rows_per_s"] / one["rows_per_s"],
-    })
+    save(
+        "training",
+        {
+            "command": "python benchmarks/bench_training.py " + " ".join(sys.argv[1:]),
+            "rows": args.rows,
+            "batch_size": BATCH,
+            "model": "beta 128-64-32 BN dropout, g 64-32 BN (seed)",
+            "bare_loop_rows_per_s": bare,
+            "ray_1_worker": one,
+            "ray_2_workers": two,
+            "efficiency_ray_per_worker_over_bare": one["rows_per_s_per_worker"] / bare,
+            "scaling_2_over_1_workers": two["rows_per_s"] / one["rows_per_s"],
+        },
+    )
 
 
 if __name__ == "__main__":

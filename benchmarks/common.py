@@ -60,7 +60,14 @@ def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=out, text=True, env={**os.environ, **(env or {})}, cwd=ROOT)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=out,
+            text=True,
+            env={**os.environ, **(env or {})},
+            cwd=ROOT,
+        )
         with PeakMemory(proc.pid) as mem:
             stdout, _ = proc.communicate()
     out_lines = stdout.strip().splitlines()
@@ -73,18 +80,41 @@ def run_measured(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     }
 
 
-def simulate(name: str, n_rows: int, beta: str = "linear", g: str = "linear", seed: int = 0, **kw) -> Path:
+def simulate(
+    name: str, n_rows: int, beta: str = "linear", g: str = "linear", seed: int = 0, **kw
+) -> Path:
     """Simulated fe_hte data under benchmarks/_work (reused if present)."""
     out = WORK / name
     if not (out / "simulation.json").exists():
-        args = [f"n_rows={n_rows}", f"beta={beta}", f"g={g}", f"seed={seed}", *[f"{k}={v}" for k, v in kw.items()]]
-        subprocess.run([sys.executable, "-m", "distributed_hte.cli", "simulate", "fe_hte", *args, "--out", str(out)],
-                       check=True, cwd=ROOT)
+        args = [
+            f"n_rows={n_rows}",
+            f"beta={beta}",
+            f"g={g}",
+            f"seed={seed}",
+            *[f"{k}={v}" for k, v in kw.items()],
+        ]
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "distributed_hte.cli",
+                "simulate",
+                "fe_hte",
+                *args,
+                "--out",
+                str(out),
+            ],
+            check=True,
+            cwd=ROOT,
+        )
     return out
 
 
 def save(name: str, result: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    result = {"machine": f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB", **result}
+    result = {
+        "machine": f"{os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.0f} GiB",
+        **result,
+    }
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))

@@ -38,6 +38,19 @@ def sim_linear(ray_session, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def sim_tiny(ray_session, tmp_path_factory) -> Path:
+    """20k rows (200 users, 40 vendors, 5 periods): for plumbing tests, not statistics."""
+    from distributed_hte.simulate.fe_hte import FeHteSimConfig, simulate_fe_hte
+
+    out = tmp_path_factory.mktemp("sim") / "tiny"
+    cfg = FeHteSimConfig(
+        n_rows=20_000, n_users=200, n_vendors=40, n_periods=5, seed=9, chunk_rows=10_000
+    )
+    simulate_fe_hte(cfg, out, progress=False)
+    return out
+
+
 @pytest.fixture()
 def small_parquet(tmp_path) -> callable:
     """Write a pandas frame as parquet under tmp_path and return the folder."""

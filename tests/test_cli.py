@@ -188,19 +188,6 @@ def test_run_prints_the_run_dir_last_and_writes_a_complete_run(tmp_path):
     assert "beta_corr" in res.stdout and "[train] epoch" in res.stderr
     assert "[fit]" in (run_dir / "run.log").read_text()
 
-    # The same spec again reuses the simulated data instead of regenerating it.
-    again = dhte(
-        "run",
-        str(QUICK),
-        "simulate.n_rows=20000",
-        "simulate.n_users=200",
-        "simulate.n_vendors=40",
-        "train.epochs=1",
-        f"outputs.dir={tmp_path}",
-    )
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "reusing" in again.stderr
-
     # A complete run directory is never overwritten.
     res = dhte("run", str(QUICK), f"outputs.dir={tmp_path}", "--run-dir", str(run_dir))
     _assert_user_error(res, "complete run")

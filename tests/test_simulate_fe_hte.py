@@ -75,3 +75,31 @@ def test_simulate_writes_sharded_parquet_and_truth(ray_session, tmp_path):
     assert not list(tmp_path.glob(".sim*tmp*")), "temporary folders must not be left behind"
     with pytest.raises(FileExistsError):
         simulate_fe_hte(cfg, out, progress=False)
+
+
+def test_a_spec_simulate_section_is_generated_once_and_then_reused(ray_session, tmp_path):
+    from distributed_hte.errors import SpecError
+    from distributed_hte.kinds import get_kind
+    from distributed_hte.spec import validate_spec
+
+    raw = {
+        "name": "s",
+        "kind": "fe_hte",
+        "simulate": {"n_rows": 3000, "n_users": 50, "n_vendors": 10, "n_periods": 3},
+        "outputs": {"dir": str(tmp_path)},
+    }
+    kind = get_kind("fe_hte")
+    first = kind.simulate(validate_spec(raw), progress=False)
+    stamp = (first / "part-00000.parquet").stat().st_mtime_ns
+    again = kind.simulate(validate_spec(raw), progress=False)
+    assert again == first
+    assert (first / "part-00000.parquet").stat().st_mtime_ns == stamp
+    # A different simulate section gets its own folder (content hash) ...
+    other = kind.simulate(
+        validate_spec({**raw, "simulate": {**raw["simulate"], "seed": 1}}), progress=False
+    )
+    assert other != first
+    # ... and an explicit out folder holding another simulation is an error, not an overwrite.
+    clash = {**raw, "simulate": {**raw["simulate"], "seed": 2, "out": str(first.parent)}}
+    with pytest.raises(SpecError, match="different simulation"):
+        kind.simulate(validate_spec(clash), progress=False)

@@ -10,14 +10,14 @@ from distributed_hte.runner import run_job
 from distributed_hte.spec import validate_spec
 
 
-def test_grid_sweep_writes_trials_best_config_and_best_artefacts(sim_linear, tmp_path):
+def test_grid_sweep_writes_trials_best_config_and_best_artefacts(sim_tiny, tmp_path):
     spec = validate_spec(
         {
             "name": "sweep",
             "kind": "fe_hte",
-            "data": {"path": str(sim_linear / "data")},
+            "data": {"path": str(sim_tiny / "data")},
             "model": {"beta_net": {"hidden": []}, "g_net": {"hidden": []}},
-            "train": {"epochs": 2, "batch_size": 4096, "lr": 0.02},
+            "train": {"epochs": 2, "batch_size": 1024, "lr": 0.02},
             "scaling": {"num_workers": 1},
             "tune": {
                 "params": {"train.lr": {"grid": [0.0005, 0.05]}},

@@ -157,6 +157,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     val_shard = ray.train.get_dataset_shard("val") if "val" in config["datasets"] else None
     patience = train["early_stopping_patience"]
     first_epoch = state["epoch"]
+    # A trailing batch of one row breaks BatchNorm; every rank has the same row count
+    # (equal split), so dropping the remainder keeps DDP steps in lockstep.
+    drop_last = rows_per_worker >= 2 * train["batch_size"]
     last_log = time.perf_counter()
     run_started = time.perf_counter()
     rows_done_run = 0
@@ -168,7 +171,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         rows = 0
         t_first: float | None = None
         for batch in train_shard.iter_batches(
-            batch_size=train["batch_size"], batch_format="numpy", prefetch_batches=2
+            batch_size=train["batch_size"],
+            batch_format="numpy",
+            prefetch_batches=2,
+            drop_last=drop_last,
         ):
             if t_first is None:
                 t_first = time.perf_counter()

@@ -47,7 +47,7 @@ def pyarrow_single_thread(files: list[str]) -> float:
     return rows / (time.perf_counter() - t0)
 
 
-def _consume(config: dict) -> None:
+def _consume(config: dict) -> dict:
     import ray.train
 
     shard = ray.train.get_dataset_shard("train")
@@ -55,7 +55,7 @@ def _consume(config: dict) -> None:
     for batch in shard.iter_batches(batch_size=BATCH, batch_format="numpy", prefetch_batches=2):
         t0 = t0 or time.perf_counter()
         rows += len(batch["clicks"])
-    ray.train.report({"rows": rows, "rows_per_s": rows / (time.perf_counter() - t0)})
+    return {"rows": rows, "rows_per_s": rows / (time.perf_counter() - t0)}
 
 
 def ray_to_worker(path: str, split: bool) -> dict:
@@ -73,7 +73,7 @@ def ray_to_worker(path: str, split: bool) -> dict:
         datasets={"train": train},
         run_config=RunConfig(storage_path="/tmp/dhte_bench_ingest"),
     )
-    return trainer.fit().metrics
+    return trainer.fit().return_value
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ def one(n: int) -> dict:
             "jobs/fe_hte_50m.yaml",
             f"simulate.n_rows={n}",
             f"simulate.out={WORK / f'mem_{n}'}",
+            "data.cache=never",
             f"outputs.dir={WORK / 'runs'}",
         ],
         WORK / f"memory_{n}.log",

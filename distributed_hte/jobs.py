@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from distributed_hte.errors import ClusterError
-from distributed_hte.runtime import _check_reachable
+from distributed_hte.runtime import check_reachable
 from distributed_hte.spec import load_spec
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -26,7 +26,7 @@ def client(address: str):
     """A ``JobSubmissionClient`` for ``address``; unreachable → ClusterError (exit 2)."""
     from ray.job_submission import JobSubmissionClient
 
-    _check_reachable(address)
+    check_reachable(address)
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as exc:

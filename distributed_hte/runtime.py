@@ -58,7 +58,7 @@ def init_ray(target: RayTarget, runtime_env: dict | None = None) -> None:
     # Ray Data's own progress bars flood non-interactive logs; we print our own.
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     if target.address:
-        _check_reachable(target.address)
+        check_reachable(target.address)
         try:
             ray.init(address=target.address, runtime_env=runtime_env, log_to_driver=True)
         except (ConnectionError, TimeoutError, RuntimeError) as exc:
@@ -92,7 +92,7 @@ def _quiet_ray_data() -> None:
     ctx.print_on_execution_start = False
 
 
-def _check_reachable(address: str) -> None:
+def check_reachable(address: str) -> None:
     """Fail fast (seconds, not minutes of retries) when a host:port does not answer."""
     import socket
     from urllib.parse import urlparse

@@ -138,7 +138,8 @@ def main() -> None:
             "ray_2_workers": two,
             "efficiency_ray_per_worker_over_bare": one["rows_per_s_per_worker"] / bare,
             "scaling_2_over_1_workers": two["rows_per_s"] / one["rows_per_s"],
-            "steady_efficiency_ray_per_worker_over_bare": one["steady_rows_per_s_per_worker"] / bare,
+            "steady_efficiency_ray_per_worker_over_bare": one["steady_rows_per_s_per_worker"]
+            / bare,
         },
     )
 

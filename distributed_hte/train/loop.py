@@ -218,7 +218,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             # Wait for the first batch of the epoch: Ray Data pipeline start-up.
             "first_batch_seconds": (t_first or t0) - t0,
             # Rate once data flows: what large datasets see, where start-up amortises.
-            "steady_rows_per_s_per_worker": rows / max(train_seconds - ((t_first or t0) - t0), 1e-9),
+            "steady_rows_per_s_per_worker": rows
+            / max(train_seconds - ((t_first or t0) - t0), 1e-9),
         }
         train_totals = _all_reduce_sums(sums, device)
         metrics["train_loss"] = train_totals["loss_sum"] / max(train_totals["n"], 1)

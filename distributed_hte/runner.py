@@ -28,7 +28,7 @@ def ray_target_for(spec: JobSpec, cli_address: str | None = None) -> RayTarget:
         trials = spec.tune.max_concurrent_trials or 1
     cpw = float((spec.scaling.resources_per_worker or {}).get("CPU", 1))
     num_cpus = spec.runtime.num_cpus or embedded_num_cpus(spec.scaling.num_workers, cpw, trials)
-    return resolve_target(cli_address, spec.runtime.address, num_cpus)
+    return resolve_target(cli_address, spec.runtime.address, num_cpus, spec.runtime.object_store_gb)
 
 
 def with_simulated_data(spec: JobSpec, progress: bool = True) -> JobSpec:

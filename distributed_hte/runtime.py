@@ -29,6 +29,7 @@ class RayTarget:
 
     address: str | None
     num_cpus: int | None = None
+    object_store_gb: float | None = None
 
 
 def embedded_num_cpus(
@@ -40,11 +41,14 @@ def embedded_num_cpus(
 
 
 def resolve_target(
-    cli_address: str | None, spec_address: str | None, num_cpus: int | None
+    cli_address: str | None,
+    spec_address: str | None,
+    num_cpus: int | None,
+    object_store_gb: float | None = None,
 ) -> RayTarget:
     """CLI address beats ``RAY_ADDRESS`` beats the spec; none of them means embedded."""
     address = cli_address or os.environ.get("RAY_ADDRESS") or spec_address
-    return RayTarget(address=address or None, num_cpus=num_cpus)
+    return RayTarget(address=address or None, num_cpus=num_cpus, object_store_gb=object_store_gb)
 
 
 def init_ray(target: RayTarget, runtime_env: dict | None = None) -> None:
@@ -70,6 +74,9 @@ def init_ray(target: RayTarget, runtime_env: dict | None = None) -> None:
     num_cpus = target.num_cpus or embedded_num_cpus(2)
     ray.init(
         num_cpus=num_cpus,
+        # Streaming buffers fill the object store up to Ray Data's budget, so this (not
+        # the row count) bounds the peak memory of a large run.
+        object_store_memory=int(target.object_store_gb * 2**30) if target.object_store_gb else None,
         # Ray Train V2's placement-group cleaner polls the State API, which the dashboard serves.
         include_dashboard=True,
         dashboard_host="127.0.0.1",

@@ -118,6 +118,9 @@ class RuntimeSpec(StrictModel):
     address: str | None = None
     runtime_env: dict[str, Any] | None = None
     num_cpus: int | None = Field(None, ge=1, description="logical CPUs of an embedded Ray")
+    object_store_gb: float | None = Field(
+        None, gt=0, description="object store of an embedded Ray (default: Ray's, 30% of RAM)"
+    )
 
 
 class JobSpec(StrictModel):

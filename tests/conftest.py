@@ -25,30 +25,42 @@ def ray_session():
     shutdown_ray()
 
 
+def _simulate(tmp_path_factory, name: str, **config) -> Path:
+    from distributed_hte.simulate.fe_hte import FeHteSimConfig, simulate_fe_hte
+
+    out = tmp_path_factory.mktemp("sim") / name
+    simulate_fe_hte(FeHteSimConfig(**config), out, progress=False)
+    return out
+
+
 @pytest.fixture(scope="session")
 def sim_linear(ray_session, tmp_path_factory) -> Path:
     """150k rows of the seed's design with linear beta and g (2k users, 400 vendors, 20 periods)."""
-    from distributed_hte.simulate.fe_hte import FeHteSimConfig, simulate_fe_hte
-
-    out = tmp_path_factory.mktemp("sim") / "linear"
-    cfg = FeHteSimConfig(
-        n_rows=150_000, n_users=2_000, n_vendors=400, n_periods=20, seed=5, chunk_rows=50_000
+    return _simulate(
+        tmp_path_factory,
+        "linear",
+        n_rows=150_000,
+        n_users=2_000,
+        n_vendors=400,
+        n_periods=20,
+        seed=5,
+        chunk_rows=50_000,
     )
-    simulate_fe_hte(cfg, out, progress=False)
-    return out
 
 
 @pytest.fixture(scope="session")
 def sim_tiny(ray_session, tmp_path_factory) -> Path:
     """20k rows (200 users, 40 vendors, 5 periods): for plumbing tests, not statistics."""
-    from distributed_hte.simulate.fe_hte import FeHteSimConfig, simulate_fe_hte
-
-    out = tmp_path_factory.mktemp("sim") / "tiny"
-    cfg = FeHteSimConfig(
-        n_rows=20_000, n_users=200, n_vendors=40, n_periods=5, seed=9, chunk_rows=10_000
+    return _simulate(
+        tmp_path_factory,
+        "tiny",
+        n_rows=20_000,
+        n_users=200,
+        n_vendors=40,
+        n_periods=5,
+        seed=9,
+        chunk_rows=10_000,
     )
-    simulate_fe_hte(cfg, out, progress=False)
-    return out
 
 
 @pytest.fixture()

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distributed_hte.evaluation.metrics import flatten_metrics
 from distributed_hte.kinds import get_kind
 from distributed_hte.rundir import RunDir
 from distributed_hte.runtime import RayTarget, embedded_num_cpus, init_ray, resolve_target
@@ -88,18 +89,9 @@ def run_job(spec: JobSpec, run_dir: str | None = None, address: str | None = Non
         run.detach_log()
 
 
-def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
-    else:
-        out[prefix] = value
-
-
 def print_summary(spec: JobSpec, metrics: dict[str, Any], path: Path) -> None:
     """A readable result summary on stdout (the CLI prints the run directory after it)."""
-    flat: dict[str, Any] = {}
-    _flatten("", metrics, flat)
+    flat = flatten_metrics(metrics)
     width = max((len(k) for k in flat), default=10)
     lines = [f"== {spec.name} ({spec.kind}) result =="]
     for k, v in flat.items():

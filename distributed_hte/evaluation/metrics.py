@@ -60,3 +60,15 @@ def correlation_from_sums(s: dict[str, float], name: str) -> dict[str, float]:
     vb = s[f"{name}_sbb"] - s[f"{name}_sb"] ** 2 / n
     corr = cov / math.sqrt(va * vb) if va > 0 and vb > 0 else float("nan")
     return {f"{name}_corr": corr, f"{name}_rmse": math.sqrt(s[f"{name}_sdd"] / n)}
+
+
+def flatten_metrics(tree: dict, sep: str = ".", prefix: str = "") -> dict[str, object]:
+    """``{"val": {"r2": x}}`` → ``{"val<sep>r2": x}`` (leaves kept as they are)."""
+    out: dict[str, object] = {}
+    for k, v in tree.items():
+        key = f"{prefix}{sep}{k}" if prefix else str(k)
+        if isinstance(v, dict):
+            out.update(flatten_metrics(v, sep, key))
+        else:
+            out[key] = v
+    return out

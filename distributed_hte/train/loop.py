@@ -167,7 +167,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     for epoch in range(state["epoch"], train["epochs"]):
         model.train()
         t0 = time.perf_counter()
-        sums: dict[str, float] = {}
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         rows = 0
         t_first: float | None = None
         for batch in train_shard.iter_batches(
@@ -194,7 +194,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             n = len(next(iter(batch.values())))
             rows += n
             state["step"] += 1
-            _add(sums, {"loss_sum": float(loss.detach()) * n, "n": n})
+            # Accumulate on the device: a float() per step would sync a GPU every batch.
+            loss_sum = loss_sum + loss.detach().double() * n
             now = time.perf_counter()
             if rank == 0 and now - last_log >= train["log_every_s"]:
                 last_log = now
@@ -221,7 +222,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "steady_rows_per_s_per_worker": rows
             / max(train_seconds - ((t_first or t0) - t0), 1e-9),
         }
-        train_totals = _all_reduce_sums(sums, device)
+        train_totals = _all_reduce_sums({"loss_sum": float(loss_sum), "n": float(rows)}, device)
         metrics["train_loss"] = train_totals["loss_sum"] / max(train_totals["n"], 1)
         metrics["rows_per_s"] = train_totals["n"] / max(train_seconds, 1e-9)
         if val_shard is not None:

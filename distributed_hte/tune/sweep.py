@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distributed_hte.evaluation.metrics import flatten_metrics
 from distributed_hte.kinds import Kind
 from distributed_hte.rundir import COMPLETE, RunDir, write_json
 from distributed_hte.runtime import DATA_CPUS
@@ -77,17 +78,6 @@ def concurrent_trials(spec: JobSpec, cluster: dict[str, float]) -> int:
     return max(min(wanted, fit), 1)
 
 
-def _flatten(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    for k, v in metrics.items():
-        key = f"{prefix}_{k}" if prefix else str(k)
-        if isinstance(v, dict):
-            out.update(_flatten(v, key))
-        elif isinstance(v, int | float | bool) and not isinstance(v, bool):
-            out[key] = float(v)
-    return out
-
-
 def _trial(
     config: dict[str, Any], kind: Kind, spec: JobSpec, prepared: Any, trials_root: str
 ) -> None:
@@ -105,7 +95,12 @@ def _trial(
         raise
     seconds = time.perf_counter() - t0
     run.mark_complete({"seconds": seconds})
-    final = _flatten(metrics)
+    # Tune reports numbers only; keys match the per-epoch ones (val_loss, val_r2, ...).
+    final = {
+        k: float(v)
+        for k, v in flatten_metrics(metrics, sep="_").items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
     final.update(trial_seconds=seconds, final=1.0)
     tune.report(final)
 

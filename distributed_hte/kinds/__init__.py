@@ -20,6 +20,7 @@ from distributed_hte.spec import JobSpec
 # kind name -> "module:Class"; imported lazily so `dhte validate` stays light.
 _REGISTRY: dict[str, str] = {
     "fe_hte": "distributed_hte.kinds.fe_hte:FeHteKind",
+    "segments": "distributed_hte.kinds.segments:SegmentsKind",
 }
 
 
@@ -28,6 +29,16 @@ class Kind(ABC):
 
     name: ClassVar[str]
     spec_class: ClassVar[type[JobSpec]]
+    # Run-directory entries of the best trial that a sweep promotes, besides the common ones.
+    artefacts: ClassVar[list[str]] = []
+
+    def report_iterations(self, spec: JobSpec) -> int:
+        """How many intermediate results one ``execute`` reports (ASHA's time axis)."""
+        return spec.train.epochs
+
+    def after_sweep(self, spec: JobSpec, run: RunDir, table: Any) -> None:
+        """Kind-specific summaries of a finished sweep (``table``: one row per trial)."""
+        return None
 
     def simulated_data_path(self, spec: JobSpec) -> Path | None:
         """Where the spec's ``simulate`` section puts its data (None: no simulate section)."""

@@ -17,11 +17,9 @@ the output is identical for a given seed and chunk size, whatever the parallelis
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -29,6 +27,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from distributed_hte.simulate.chunks import atomic_folder, chunk_sizes, write_chunks
 
 BETA_FEATURES = ["u0", "u1", "v0", "v1", "x0"]
 G_FEATURES = ["z0", "z1", "z2"]
@@ -146,53 +146,21 @@ def simulate_chunk(world: World, cfg: FeHteSimConfig, index: int, n_rows: int) -
     )
 
 
-def _write_chunk(world: World, cfg: FeHteSimConfig, index: int, n_rows: int, out_dir: str) -> int:
-    table = simulate_chunk(world, cfg, index, n_rows)
-    pq.write_table(table, os.path.join(out_dir, f"part-{index:05d}.parquet"), compression="snappy")
-    return n_rows
-
-
-def chunk_sizes(n_rows: int, chunk_rows: int) -> list[int]:
-    """Split ``n_rows`` into chunks of at most ``chunk_rows``."""
-    full, rest = divmod(n_rows, chunk_rows)
-    return [chunk_rows] * full + ([rest] if rest else [])
-
-
 def simulate_fe_hte(cfg: FeHteSimConfig, out: str | Path, *, progress: bool = True) -> Path:
     """Write ``out/data/part-*.parquet``, ``out/truth/<fe>.parquet`` and ``out/simulation.json``.
 
     Runs on the current Ray (``ray.init`` must have been called). The output appears
     atomically: it is written to a temporary sibling folder and renamed at the end.
     """
-    import ray
-    from tqdm import tqdm
-
-    out = Path(out)
-    if out.exists():
-        raise FileExistsError(out)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    (tmp / "data").mkdir(parents=True)
-    (tmp / "truth").mkdir()
     started = time.perf_counter()
-    try:
+    with atomic_folder(out) as tmp:
+        (tmp / "data").mkdir()
+        (tmp / "truth").mkdir()
         world = make_world(cfg)
-        world_ref = ray.put(world)
-        write = ray.remote(num_cpus=1)(_write_chunk)
         sizes = chunk_sizes(cfg.n_rows, cfg.chunk_rows)
-        pending = [
-            write.remote(world_ref, cfg, i, n, str(tmp / "data")) for i, n in enumerate(sizes)
-        ]
-        with tqdm(
-            total=cfg.n_rows,
-            unit="row",
-            unit_scale=True,
-            desc="simulate fe_hte",
-            disable=not progress,
-            mininterval=2.0,
-        ) as bar:
-            while pending:
-                done, pending = ray.wait(pending, num_returns=1)
-                bar.update(ray.get(done[0]))
+        write_chunks(
+            partial(_chunk, cfg=cfg), world, sizes, tmp / "data", "simulate fe_hte", progress
+        )
         for name, ids, effect in [
             ("user_id", world.user_ids, world.user_fe),
             ("vendor_id", world.vendor_ids, world.vendor_fe),
@@ -212,11 +180,11 @@ def simulate_fe_hte(cfg: FeHteSimConfig, out: str | Path, *, progress: bool = Tr
             "seconds": round(time.perf_counter() - started, 3),
         }
         (tmp / "simulation.json").write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out)
+
+
+def _chunk(world: World, index: int, n_rows: int, cfg: FeHteSimConfig) -> pa.Table:
+    return simulate_chunk(world, cfg, index, n_rows)
 
 
 def read_truth(truth_dir: str | Path, column: str) -> pd.Series | None:

@@ -120,7 +120,7 @@ def run_sweep(kind: Kind, spec: JobSpec, prepared: Any, run: RunDir) -> dict[str
     if ts.scheduler == "asha":
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
-            max_t=spec.train.epochs + 1,
+            max_t=kind.report_iterations(spec) + 1,
             grace_period=ts.asha.grace_period,
             reduction_factor=ts.asha.reduction_factor,
         )
@@ -212,7 +212,7 @@ def run_sweep(kind: Kind, spec: JobSpec, prepared: Any, run: RunDir) -> dict[str
         "overhead_seconds": wall - sum_trials / concurrency,
     }
     write_json(run.file("tune_summary.json"), summary)
-    for name in PROMOTED:
+    for name in PROMOTED + kind.artefacts:
         src = Path(best["trial_dir"]) / name
         if src.is_dir():
             shutil.copytree(src, run.path / name, dirs_exist_ok=True)
@@ -227,6 +227,7 @@ def run_sweep(kind: Kind, spec: JobSpec, prepared: Any, run: RunDir) -> dict[str
         summary["trials"],
         wall,
     )
+    kind.after_sweep(spec, run, table)
     metrics = json.loads((run.path / "metrics.json").read_text())
     metrics["tune"] = {"best_config": best_config, **summary}
     write_json(run.file("metrics.json"), metrics)

@@ -89,14 +89,23 @@ class SegmentsModelSpec(StrictModel):
 
 
 class CrossValidationSpec(StrictModel):
-    """k-fold CV by a stable hash of each row; 0 turns it off (refit only)."""
+    """k-fold CV by a stable hash of each row; 0 turns it off (refit only).
+
+    ``select`` picks the reported solution among the λ path: ``last`` is ``model.lam``
+    (what a Tune sweep over λ wants), ``min`` the λ of least CV log loss, ``one_se`` the
+    largest λ within one standard error of that minimum (sparser, and the usual choice
+    when the point is which creatives match their segment).
+    """
 
     folds: int = Field(5, ge=0)
+    select: Literal["last", "min", "one_se"] = "last"
 
     @model_validator(mode="after")
     def _not_one(self) -> CrossValidationSpec:
         if self.folds == 1:
             raise ValueError("folds must be 0 (no cross-validation) or at least 2")
+        if self.folds == 0 and self.select != "last":
+            raise ValueError(f"select: {self.select} needs cross-validation (folds >= 2)")
         return self
 
 
@@ -459,10 +468,14 @@ class SegmentsKind(Kind):
         seconds: float,
         run: RunDir,
     ) -> dict[str, Any]:
-        refit = sol["c"].shape[0] - 1
-        c = sol["c"][refit].double().numpy()
-        gamma = sol["gamma"][refit].double().numpy()
-        delta = sol["delta"][refit].double().numpy()
+        path = pd.DataFrame(sol["path"])
+        chosen = select_on_path(path, spec.cv.select)
+        picked = sol["refit_path"][chosen]
+        c = picked["c"].double().numpy()
+        gamma = picked["gamma"].double().numpy()
+        delta = picked["delta"].double().numpy()
+        info = picked["info"]
+        step = path.iloc[chosen].to_dict()
         layout = enc.layout()
         seg_of = layout.segment_of.numpy()
         m = layout.n_segments
@@ -472,30 +485,33 @@ class SegmentsKind(Kind):
 
         table = self._creatives_out(enc, prepared, c, delta)
         table.to_parquet(run.file("creatives.parquet"), index=False)
-        path = pd.DataFrame(sol["path"])
+        if prepared.truth is not None:
+            path = self._path_recovery(prepared, enc, path, sol["refit_path"])
+        path["selected"] = np.arange(len(path)) == chosen
         path.to_parquet(run.file("cv_path.parquet"), index=False)
         path.to_csv(run.file("cv_path.csv"), index=False)
         final = sol["metrics"]
-        info = sol["info"]
-        segments_json = self._segments_json(spec, enc, a, gamma, table, info, sol["lam_max"], final)
+        segments_json = self._segments_json(spec, enc, a, gamma, table, info, sol["lam_max"], step)
+        segments_json["selection"] = {"rule": spec.cv.select, "path_step": chosen + 1}
         write_json(run.file("segments.json"), segments_json)
 
         metrics: dict[str, Any] = {
-            "val_loss": final.get("cv_log_loss", final["train_log_loss"]),
+            "val_loss": step.get("cv_log_loss", step["train_log_loss"]),
             "solution": {
-                "lam": spec.model.lam,
+                "lam": info["lam"],
                 "alpha": spec.model.alpha,
+                "selected_by": spec.cv.select,
                 "lam_max": sol["lam_max"],
-                "objective": final["objective"],
-                "train_log_loss": final["train_log_loss"],
-                "nonzero_gamma": final["nonzero_gamma"],
+                "objective": step["objective"],
+                "train_log_loss": step["train_log_loss"],
+                "nonzero_gamma": int(step["nonzero_gamma"]),
                 "creatives_matching_segment": int((table["delta_norm"] == 0).sum()),
                 "creatives": len(table),
             },
             "solver": {
                 "converged": bool(all(info["converged"])),
                 "kkt_residual": max(info["kkt"]),
-                "newton_iterations_last_lambda": info["newton_iterations"],
+                "newton_iterations_at_lambda": info["newton_iterations"],
                 "data_passes": int(final["passes_total"]),
                 "path_steps": len(sol["path"]),
                 "seconds": seconds,
@@ -507,11 +523,23 @@ class SegmentsKind(Kind):
         if spec.cv.folds > 1:
             metrics["cv"] = {
                 "folds": spec.cv.folds,
-                "log_loss": final["cv_log_loss"],
-                "log_loss_se": final["cv_log_loss_se"],
+                "log_loss": step["cv_log_loss"],
+                "log_loss_se": step["cv_log_loss_se"],
+                "lam_min": float(path["lam"][path["cv_log_loss"].idxmin()]),
             }
         if prepared.truth is not None:
-            metrics["truth"] = self._recovery(prepared, enc, model, gamma, table)
+            metrics["truth"] = {
+                "assignment_accuracy": self._assignment_accuracy(prepared, enc, model),
+                **{
+                    k: float(path[k].iloc[chosen])
+                    for k in (
+                        "delta_zero_pattern_accuracy",
+                        "gamma_support_f1",
+                        "gamma_support_precision",
+                        "gamma_support_recall",
+                    )
+                },
+            }
         write_json(run.file("metrics.json"), metrics)
         self._plots(spec, enc, gamma, table, path, run)
         return metrics
@@ -579,40 +607,63 @@ class SegmentsKind(Kind):
             "segments": out_segments,
         }
 
-    def _recovery(
+    def _path_recovery(
         self,
         prepared: SegmentsPrepared,
         enc: SegmentsEncoder,
-        model: SegmentsModel,
-        gamma: np.ndarray,
-        table: pd.DataFrame,
-    ) -> dict[str, Any]:
-        """Recovery against ``truth.json``: assignment accuracy, δ zero pattern, γ support F1."""
-        truth = prepared.truth
-        assert truth is not None
-        world = sim.world_from_truth(truth)
-        seg_pos = {s: j for j, s in enumerate(enc.segment_vocab)}
+        path: pd.DataFrame,
+        refit_path: list[dict[str, Any]],
+    ) -> pd.DataFrame:
+        """Add recovery columns against ``truth.json`` to every λ of the path.
+
+        δ zero pattern: share of creatives whose "matches its segment" (δ = 0) agrees with
+        the truth. γ support: precision, recall and F1 of the non-zero entries.
+        """
+        world = sim.world_from_truth(prepared.truth)
+        seg_pos = {str(s): j for j, s in enumerate(enc.segment_vocab)}
         feat_pos = {f: i for i, f in enumerate(enc.features)}
-        est_support = np.zeros_like(world.gamma, dtype=bool)
-        for j, s in enumerate(world.segments):
-            for i, f in enumerate(world.features):
-                if s in seg_pos and f in feat_pos:
-                    est_support[j, i] = gamma[seg_pos[s], feat_pos[f]] != 0
-        true_support = world.gamma != 0
-        tp = int((est_support & true_support).sum())
-        precision = tp / max(int(est_support.sum()), 1)
-        recall = tp / max(int(true_support.sum()), 1)
-        f1 = 2 * precision * recall / max(precision + recall, 1e-12)
+        V = len(enc.creative_vocab)
+        pairs = [
+            (str(enc.segment_vocab[key // V]), _plain(enc.creative_vocab[key % V]))
+            for key in enc.pair_keys
+        ]
         true_zero = {
             (world.segments[world.segment_of[k]], int(cid)): bool(np.all(world.delta[k] == 0))
             for k, cid in enumerate(world.creatives)
         }
-        agree = [
-            true_zero.get((str(r.segment), int(r.creative))) == bool(r.matches_segment)
-            for r in table.itertuples()
-        ]
+        true_support = world.gamma != 0
+        rows = []
+        for step in refit_path:
+            gamma = step["gamma"].numpy()
+            est = np.zeros_like(true_support)
+            for j, s in enumerate(world.segments):
+                for i, f in enumerate(world.features):
+                    if s in seg_pos and f in feat_pos:
+                        est[j, i] = gamma[seg_pos[s], feat_pos[f]] != 0
+            tp = int((est & true_support).sum())
+            precision = tp / max(int(est.sum()), 1)
+            recall = tp / max(int(true_support.sum()), 1)
+            matches = (step["delta"].norm(dim=1) == 0).numpy()
+            agree = [true_zero.get(pair) == bool(z) for pair, z in zip(pairs, matches, strict=True)]
+            rows.append(
+                {
+                    "delta_zero_pattern_accuracy": float(np.mean(agree)),
+                    "gamma_support_f1": 2 * precision * recall / max(precision + recall, 1e-12),
+                    "gamma_support_precision": precision,
+                    "gamma_support_recall": recall,
+                }
+            )
+        return pd.concat([path, pd.DataFrame(rows)], axis=1)
+
+    def _assignment_accuracy(
+        self, prepared: SegmentsPrepared, enc: SegmentsEncoder, model: SegmentsModel
+    ) -> float:
+        """Share of people whose estimated segment is their true one (a Ray Data pass)."""
+        truth = prepared.truth
+        assert truth is not None
+        features = list(dict.fromkeys(enc.features + list(truth["features"])))
         sums = (
-            _read_parquet(prepared.path, list(dict.fromkeys(enc.features + world.features)))
+            _read_parquet(prepared.path, features)
             .map_batches(
                 assignment_sums_batch,
                 fn_kwargs={"model": model, "truth": truth},
@@ -621,14 +672,7 @@ class SegmentsKind(Kind):
             )
             .sum(["n", "agree"])
         )
-        return {
-            "assignment_accuracy": sums["sum(agree)"] / max(sums["sum(n)"], 1),
-            "delta_zero_pattern_accuracy": float(np.mean(agree)),
-            "gamma_support_f1": f1,
-            "gamma_support_precision": precision,
-            "gamma_support_recall": recall,
-            "true_off_message_creatives": int(sum(not z for z in true_zero.values())),
-        }
+        return sums["sum(agree)"] / max(sums["sum(n)"], 1)
 
     def _plots(self, spec, enc, gamma, table, path: pd.DataFrame, run: RunDir) -> None:
         import matplotlib
@@ -639,6 +683,15 @@ class SegmentsKind(Kind):
         if "cv_log_loss" in path:
             fig, ax = plt.subplots(figsize=(5.5, 3.8))
             ax.errorbar(path["lam"], path["cv_log_loss"], yerr=path["cv_log_loss_se"], fmt="o-")
+            sel = path.loc[path["selected"], "lam"]
+            if len(sel):
+                ax.axvline(
+                    float(sel.iloc[0]),
+                    color="tab:red",
+                    ls="--",
+                    label=f"selected ({spec.cv.select})",
+                )
+                ax.legend(fontsize=8)
             ax.set_xscale("log")
             ax.set_xlabel("λ")
             ax.set_ylabel(f"{spec.cv.folds}-fold CV mean log loss")
@@ -750,6 +803,21 @@ class SegmentsKind(Kind):
             raise
         n = pads.dataset(str(out_path), format="parquet").count_rows()
         return {"rows": n, "seconds": time.perf_counter() - t0, "out": str(out_path)}
+
+
+def select_on_path(path: pd.DataFrame, rule: str) -> int:
+    """Index of the λ on the path that ``rule`` (last, min, one_se) picks.
+
+    ``one_se``: the largest λ whose CV log loss is within one standard error of the
+    minimum (the path runs from large to small λ).
+    """
+    if rule == "last" or "cv_log_loss" not in path:
+        return len(path) - 1
+    best = int(path["cv_log_loss"].idxmin())
+    if rule == "min":
+        return best
+    bound = path["cv_log_loss"].iloc[best] + path["cv_log_loss_se"].iloc[best]
+    return int(np.flatnonzero(path["cv_log_loss"].to_numpy() <= bound)[0])
 
 
 def _plain(v: Any) -> Any:

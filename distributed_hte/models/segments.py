@@ -614,7 +614,8 @@ def fit_path(
     ``on_step(params, info, stats)`` runs after each λ with the stats of its last pass
     (held-out losses included); ``on_path(lams, lam_max)`` once before the first solve.
     """
-    params, st = intercept_only(data, n_problems)
+    params, _ = intercept_only(data, n_problems)
+    st = data.stats(params, want="gradient")  # the KKT check of zero needs ∇ at the intercepts
     n = st.n.clamp_min(1.0)
     lam_max = float(lambda_max(st.grad / n[:, None, None], alpha, data.layout).max())
     infos = []

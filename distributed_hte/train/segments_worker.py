@@ -263,13 +263,22 @@ def segments_worker(config: dict[str, Any]) -> None:
             )
 
     state: dict[str, Any] = {}
+    refit_path: list[dict[str, Any]] = []
 
     def on_step(params: Params, info: SolveInfo, stats: PassStats) -> None:
         metrics = step_metrics(info, stats, params, enc.n_folds, len(path), layout)
         metrics["passes_total"] = data.passes
         metrics["seconds"] = time.perf_counter() - started
         path.append(metrics)
-        state["params"], state["info"] = params, info
+        # The refit (last problem) at every λ: the driver may select a λ on the path by CV.
+        refit_path.append(
+            {
+                "c": params.c[-1].cpu().clone(),
+                "gamma": params.gamma[-1].cpu().clone(),
+                "delta": params.delta[-1].cpu().clone(),
+                "info": dict(info.__dict__, history=None),
+            }
+        )
         if rank == 0:
             log.info(
                 "[solve] path %d/%d  λ=%.4g  %s  KKT %.1e  nonzero γ %d  δ %d  (%d Newton its)",
@@ -298,6 +307,7 @@ def segments_worker(config: dict[str, Any]) -> None:
                         "delta": params.delta.cpu(),
                         "info": info.__dict__,
                         "path": path,
+                        "refit_path": refit_path,
                         "lam_max": state.get("lam_max"),
                         "metrics": metrics,
                     },

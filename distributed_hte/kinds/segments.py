@@ -662,7 +662,9 @@ class SegmentsKind(Kind):
         truth = prepared.truth
         assert truth is not None
         features = list(dict.fromkeys(enc.features + list(truth["features"])))
-        sums = (
+        # take_all of one row per batch, not Dataset.sum: an aggregation shuffles, and its
+        # tasks cannot be placed inside a Tune trial's placement group.
+        rows = (
             _read_parquet(prepared.path, features)
             .map_batches(
                 assignment_sums_batch,
@@ -670,9 +672,10 @@ class SegmentsKind(Kind):
                 batch_format="numpy",
                 batch_size=65_536,
             )
-            .sum(["n", "agree"])
+            .take_all()
         )
-        return sums["sum(agree)"] / max(sums["sum(n)"], 1)
+        n = sum(int(r["n"]) for r in rows)
+        return sum(int(r["agree"]) for r in rows) / max(n, 1)
 
     def _plots(self, spec, enc, gamma, table, path: pd.DataFrame, run: RunDir) -> None:
         import matplotlib

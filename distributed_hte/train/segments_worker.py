@@ -137,7 +137,9 @@ def _reduce_fn(device: torch.device):
         return None
 
     def reduce(tensors: list[torch.Tensor]) -> None:
-        for dtype in {t.dtype for t in tensors}:
+        # A fixed order on every rank: a set of dtypes iterates in hash (address) order,
+        # which differs between processes and pairs mismatched collectives.
+        for dtype in sorted({t.dtype for t in tensors}, key=str):
             group = [t for t in tensors if t.dtype == dtype]
             flat = torch.cat([t.reshape(-1) for t in group]).to(device)
             dist.all_reduce(flat)

@@ -84,10 +84,9 @@ def test_run_writes_segments_cv_path_and_recovers_truth(two_worker_run):
     assert metrics["solver"]["replica_max_abs_diff"] == 0.0
 
 
-def test_one_worker_gives_the_same_solution(two_worker_run, segments_data, tmp_path):
-    one = run_job(_spec(segments_data, tmp_path, scaling={"num_workers": 1}))
-    a = json.loads((two_worker_run / "segments.json").read_text())
-    b = json.loads((one / "segments.json").read_text())
+def _assert_same_solution(a_run: Path, b_run: Path) -> None:
+    a = json.loads((a_run / "segments.json").read_text())
+    b = json.loads((b_run / "segments.json").read_text())
     assert a["lam"] == b["lam"]
     assert b["objective"] == pytest.approx(a["objective"], rel=1e-9)
     for name, seg in a["segments"].items():
@@ -97,9 +96,26 @@ def test_one_worker_gives_the_same_solution(two_worker_run, segments_data, tmp_p
         assert [c["matches_segment"] for c in seg["creatives"]] == [
             c["matches_segment"] for c in b["segments"][name]["creatives"]
         ]
-    pa_ = pd.read_parquet(two_worker_run / "cv_path.parquet")["cv_log_loss"]
-    pb = pd.read_parquet(one / "cv_path.parquet")["cv_log_loss"]
+    pa_ = pd.read_parquet(a_run / "cv_path.parquet")["cv_log_loss"]
+    pb = pd.read_parquet(b_run / "cv_path.parquet")["cv_log_loss"]
     np.testing.assert_allclose(pa_, pb, rtol=1e-9)
+
+
+def test_one_worker_gives_the_same_solution(two_worker_run, segments_data, tmp_path):
+    one = run_job(_spec(segments_data, tmp_path, scaling={"num_workers": 1}))
+    _assert_same_solution(two_worker_run, one)
+
+
+@pytest.mark.slow
+def test_streaming_worker_gives_the_same_solution(two_worker_run, segments_data, tmp_path):
+    """1 worker streaming every pass from Ray Data (memory flat in N) = cached shards.
+
+    Slow (about 4 minutes here): each of some 50 passes restarts a Ray Data read.
+    """
+    data = {"path": str(segments_data), "features": FEATURES, "cache_gb": 0}
+    one = run_job(_spec(segments_data, tmp_path, scaling={"num_workers": 1}, data=data))
+    assert not json.loads((one / "metrics.json").read_text())["solver"]["cached_in_worker_memory"]
+    _assert_same_solution(two_worker_run, one)
 
 
 def test_predict_assigns_every_person_a_segment(two_worker_run, segments_data, tmp_path):

@@ -50,6 +50,27 @@ class TrainPlugin(Protocol):
         """Metrics from summed statistics, keys prefixed with ``prefix`` (train_/val_)."""
         ...
 
+    # Optional: ``cache_in_memory = True`` keeps a worker's shard batches in its memory
+    # after the first epoch (small data: later epochs skip the Ray Data pipeline start-up).
+
+
+def _epoch_batches(shard, cache: list | None, seed: int, **iter_kwargs):
+    """Batches of one epoch: streamed from the shard, or replayed from ``cache``.
+
+    ``cache`` is None when caching is off; an empty list is filled on the first pass,
+    and later epochs replay it in a seeded random order (same count on every rank).
+    """
+    if cache:
+        order = np.random.default_rng(seed).permutation(len(cache))
+        yield from (cache[i] for i in order)
+        return
+    for batch in shard.iter_batches(**iter_kwargs):
+        if cache is not None:
+            # Own copies: no pinned object-store buffers are held across epochs.
+            batch = {k: np.array(v) for k, v in batch.items()}
+            cache.append(batch)
+        yield batch
+
 
 def _all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, float]:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -160,6 +181,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # A trailing batch of one row breaks BatchNorm; every rank has the same row count
     # (equal split), so dropping the remainder keeps DDP steps in lockstep.
     drop_last = rows_per_worker >= 2 * train["batch_size"]
+    cache_train: list | None = [] if getattr(plugin, "cache_in_memory", False) else None
+    cache_val: list | None = [] if cache_train is not None else None
     last_log = time.perf_counter()
     run_started = time.perf_counter()
     rows_done_run = 0
@@ -170,7 +193,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         rows = 0
         t_first: float | None = None
-        for batch in train_shard.iter_batches(
+        for batch in _epoch_batches(
+            train_shard,
+            cache_train,
+            train["seed"] * 100_003 + epoch,
             batch_size=train["batch_size"],
             batch_format="numpy",
             prefetch_batches=2,
@@ -229,8 +255,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             model.eval()
             val_sums: dict[str, float] = {}
             with torch.no_grad():
-                for batch in val_shard.iter_batches(
-                    batch_size=max(train["batch_size"], 8192), batch_format="numpy"
+                for batch in _epoch_batches(
+                    val_shard,
+                    cache_val,
+                    0,
+                    batch_size=max(train["batch_size"], 8192),
+                    batch_format="numpy",
                 ):
                     _add(
                         val_sums, plugin.eval_sums(_unwrap(model), plugin.to_tensors(batch, device))

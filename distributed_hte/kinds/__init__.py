@@ -21,6 +21,8 @@ from distributed_hte.spec import JobSpec
 _REGISTRY: dict[str, str] = {
     "fe_hte": "distributed_hte.kinds.fe_hte:FeHteKind",
     "segments": "distributed_hte.kinds.segments:SegmentsKind",
+    "interference": "distributed_hte.kinds.interference:InterferenceKind",
+    "interference_coverage": "distributed_hte.kinds.interference_coverage:InterferenceCoverageKind",
 }
 
 

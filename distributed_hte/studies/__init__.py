@@ -1,0 +1,1 @@
+"""Monte Carlo studies run as Ray tasks (coverage of confidence intervals)."""

@@ -9,7 +9,7 @@ Layout::
       run.log            driver log
       metrics.json       the kind's metrics
       train/             Ray Train checkpoints (resume from here)
-      model/             best model weights + what predict needs
+      model/             the model bundle: bundle.json (written last) + weights
       ...                kind artefacts (parquet / JSON / PNG)
 
 A run is complete only if ``COMPLETE`` exists. A failed run has ``status.json`` with
@@ -109,6 +109,12 @@ class RunDir:
         if state == "running":
             data.setdefault("started", data["updated"])
         write_json(self.path / STATUS, data)
+
+    def stage_done(self, stage: str) -> None:
+        """Record that a stage (``fit``, ``report``) finished, in ``status.json``."""
+        stages = dict(self.status().get("stages", {}))
+        stages[stage] = dt.datetime.now().isoformat(timespec="seconds")
+        write_json(self.path / STATUS, {**self.status(), "stages": stages})
 
     def attach_log(self) -> None:
         """Copy this process's log records into ``run.log``."""

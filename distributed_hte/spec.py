@@ -27,6 +27,20 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class NetSpec(StrictModel):
+    """A network's hidden widths and activation; kinds subclass it to set defaults."""
+
+    hidden: list[int] = Field(default_factory=list)
+    activation: Literal["relu", "gelu", "tanh", "silu"] = "relu"
+
+    def config(self):
+        """The :class:`~distributed_hte.models.config.MLPConfig` it describes."""
+        from distributed_hte.models.config import MLPConfig
+
+        extra = self.model_dump(exclude={"hidden", "activation"})
+        return MLPConfig(tuple(self.hidden), activation=self.activation, **extra)
+
+
 class ScalingSpec(StrictModel):
     """How many Ray Train workers, and what each one gets."""
 
@@ -251,7 +265,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
 
 def validate_spec(raw: dict[str, Any], source: str = "<spec>") -> JobSpec:
     """Validate a raw mapping against the spec class of its ``kind``."""
-    from distributed_hte.kinds import get_kind, kind_names
+    from distributed_hte.kinds import kind_names, spec_class
 
     kind = raw.get("kind")
     if kind is None:
@@ -262,7 +276,7 @@ def validate_spec(raw: dict[str, Any], source: str = "<spec>") -> JobSpec:
         raise SpecError(
             f"invalid job spec {source}: kind: found {kind!r}; allowed kinds: {', '.join(kind_names())}"
         )
-    spec_cls = get_kind(kind).spec_class
+    spec_cls = spec_class(kind)
     try:
         return spec_cls.model_validate(raw)
     except ValidationError as exc:

@@ -178,7 +178,7 @@ def test_run_prints_the_run_dir_last_and_writes_a_complete_run(tmp_path):
         "metrics.json",
         "run.log",
         "coefficients.json",
-        "model/predictor.pt",
+        "model/bundle.json",
         "fixed_effects/user_id.parquet",
         "history.parquet",
         "plots/training_curve.png",

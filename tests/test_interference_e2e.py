@@ -113,7 +113,7 @@ def test_artefacts_influence_values_and_log_table(itf_run):
     log = (itf_run / "run.log").read_text()
     assert "global treatment effect" in log and "HT_DIM" in log
     assert (itf_run / "plots" / "estimates.png").exists()
-    assert (itf_run / "model" / "predictor.pt").exists()
+    assert (itf_run / "model" / "bundle.json").exists()
 
 
 def test_predict_scores_every_row(itf_run, tmp_path):

@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 
 from distributed_hte.data.profile import profile_dataset
 from distributed_hte.data.schema import ColumnRequirement, check_schema
-from distributed_hte.errors import DataError, RunDirError, SpecError
+from distributed_hte.errors import DataError, RunDirError
 from distributed_hte.estimators import interference as est
 from distributed_hte.kinds import Kind
 from distributed_hte.kinds.interference_data import (
@@ -421,43 +421,15 @@ class InterferenceKind(Kind):
     artefacts = ["estimates.json", "influence", "plots"]
 
     # -- simulate ---------------------------------------------------------------------
-    def simulated_data_path(self, spec: InterferenceSpec) -> Path | None:
-        if spec.simulate is None:
-            return None
-        if spec.simulate.out:
-            return Path(spec.simulate.out).expanduser()
-        return (
-            Path(spec.outputs.dir).expanduser()
-            / "data"
-            / f"{spec.name}-{spec.fingerprint('simulate')}"
-        )
-
     def simulate(self, spec: InterferenceSpec, progress: bool = True) -> Path:
         """Simulate once: a folder whose ``simulation.json`` matches the section is reused."""
-        out = self.simulated_data_path(spec)
-        assert out is not None and spec.simulate is not None
+        assert spec.simulate is not None
         cfg = spec.simulate.config()
-        meta = out / "simulation.json"
-        if meta.exists():
-            found = json.loads(meta.read_text()).get("config")
-            if found == json.loads(json.dumps(cfg.__dict__)):
-                log.info("[simulate] reusing %s (same simulate section)", out)
-                return out / "data"
-            raise SpecError(
-                f"simulate.out {out} already holds a different simulation; choose another "
-                "simulate.out or delete that folder"
-            )
-        if out.exists():
-            raise SpecError(
-                f"simulate.out {out} exists and is not a finished simulation; delete it or choose another"
-            )
-        out.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        sim.simulate_interference(cfg, out, progress=progress)
-        log.info(
-            "[simulate] %d queries in %.1fs → %s", cfg.n_queries, time.perf_counter() - t0, out
+        return self.simulate_once(
+            spec,
+            json.loads(json.dumps(cfg.__dict__)),
+            lambda out: sim.simulate_interference(cfg, out, progress=progress),
         )
-        return out / "data"
 
     # -- check / prepare --------------------------------------------------------------
     def requirements(self, spec: InterferenceSpec) -> list[ColumnRequirement]:

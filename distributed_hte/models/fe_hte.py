@@ -22,23 +22,15 @@ Identification and normalisation
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from distributed_hte.models.config import MLPConfig
+from distributed_hte.models.layers import activation
 
-@dataclass(frozen=True, slots=True)
-class MLPConfig:
-    """Architecture of one sub-network. ``hidden=()`` means linear."""
+__all__ = ["MLP", "FixedEffectsHTE", "MLPConfig"]
 
-    hidden: tuple[int, ...] = ()
-    dropout: float = 0.0
-    batchnorm: bool = False
-    activation: str = "relu"
-
-
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
 class MLP(nn.Module):
@@ -72,7 +64,7 @@ class MLP(nn.Module):
             layers.append(nn.Linear(width, h))
             if config.batchnorm:
                 layers.append(nn.BatchNorm1d(h))
-            layers.append(_ACTIVATIONS[config.activation]())
+            layers.append(activation(config.activation))
             if config.dropout > 0:
                 layers.append(nn.Dropout(config.dropout))
             width = h

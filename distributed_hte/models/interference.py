@@ -26,19 +26,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from distributed_hte.models.config import MLPConfig
+from distributed_hte.models.layers import activation
+
 # Score given to padded positions: exp(NEG - max) is exactly 0 in float32 and float64,
 # and it stays finite, so no inf - inf or 0 * inf appears in a gradient.
 NEG = -1e30
 
-_ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "silu": nn.SiLU}
-
-
-@dataclass(frozen=True)
-class NetConfig:
-    """Hidden widths and activation of one ensemble MLP."""
-
-    hidden: tuple[int, ...] = (32, 32)
-    activation: str = "silu"
+def NetConfig(hidden: Sequence[int] = (32, 32), activation: str = "silu") -> MLPConfig:  # noqa: N802
+    """One ensemble MLP's hidden widths and activation (dropout and batchnorm are unused)."""
+    return MLPConfig(tuple(hidden), activation=activation)
 
 
 class EnsembleLinear(nn.Module):
@@ -57,7 +54,7 @@ class EnsembleLinear(nn.Module):
 class EnsembleMLP(nn.Module):
     """``M`` MLPs with the same shape. Input ``(n, d_in)`` (shared) or ``(M, n, d_in)``."""
 
-    def __init__(self, members: int, d_in: int, d_out: int, cfg: NetConfig) -> None:
+    def __init__(self, members: int, d_in: int, d_out: int, cfg: MLPConfig) -> None:
         super().__init__()
         self.members = members
         dims = [d_in, *cfg.hidden, d_out]
@@ -65,7 +62,7 @@ class EnsembleMLP(nn.Module):
         for i in range(len(dims) - 1):
             layers.append(EnsembleLinear(members, dims[i], dims[i + 1]))
             if i < len(dims) - 2:
-                layers.append(_ACTIVATIONS[cfg.activation]())
+                layers.append(activation(cfg.activation))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,9 +85,9 @@ class InterferenceNets(nn.Module):
         d_x: int,
         d_z: int,
         k_max: int,
-        choice: NetConfig = NetConfig(),
-        response: NetConfig = NetConfig(),
-        pdl: NetConfig = NetConfig((64, 64)),
+        choice: MLPConfig = NetConfig(),
+        response: MLPConfig = NetConfig(),
+        pdl: MLPConfig = NetConfig((64, 64)),
         x_mean: Sequence[float] | None = None,
         x_scale: Sequence[float] | None = None,
         z_mean: Sequence[float] | None = None,

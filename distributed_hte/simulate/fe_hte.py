@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distributed_hte.simulate.chunks import atomic_folder, chunk_sizes, write_chunks
+from distributed_hte.simulate.marker import SIMULATION_MARKER, simulation_marker
 
 BETA_FEATURES = ["u0", "u1", "v0", "v1", "x0"]
 G_FEATURES = ["z0", "z1", "z2"]
@@ -169,17 +170,17 @@ def simulate_fe_hte(cfg: FeHteSimConfig, out: str | Path, *, progress: bool = Tr
             pq.write_table(
                 pa.table({"id": ids, "effect": effect}), tmp / "truth" / f"{name}.parquet"
             )
-        meta = {
-            "kind": "fe_hte",
-            "config": asdict(cfg),
-            "true_intercept": TRUE_INTERCEPT,
-            "beta_features": BETA_FEATURES,
-            "g_features": G_FEATURES,
-            "fixed_effects": FIXED_EFFECTS,
-            "n_files": len(sizes),
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        (tmp / "simulation.json").write_text(json.dumps(meta, indent=2))
+        meta = simulation_marker(
+            "fe_hte",
+            asdict(cfg),
+            true_intercept=TRUE_INTERCEPT,
+            beta_features=BETA_FEATURES,
+            g_features=G_FEATURES,
+            fixed_effects=FIXED_EFFECTS,
+            n_files=len(sizes),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        (tmp / SIMULATION_MARKER).write_text(json.dumps(meta, indent=2))
     return Path(out)
 
 

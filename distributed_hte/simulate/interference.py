@@ -36,6 +36,11 @@ import numpy as np
 import pyarrow as pa
 
 from distributed_hte.simulate.chunks import atomic_folder, chunk_sizes, write_chunks
+from distributed_hte.simulate.marker import (
+    SIMULATION_MARKER,
+    read_simulation_marker,
+    simulation_marker,
+)
 
 VIEWER_FEATURES = ["v"]
 ITEM_FEATURES = ["c_bin", "c_cont"]
@@ -307,24 +312,21 @@ def simulate_interference(
             tmp / "items.parquet",
         )
         truth = true_effects(pool, cfg)
-        meta = {
-            "kind": "interference",
-            "config": asdict(cfg),
-            "truth": truth,
-            "viewer_features": VIEWER_FEATURES,
-            "item_features": ITEM_FEATURES,
-            "subgroup": SUBGROUP,
-            "n_files": len(sizes),
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        (tmp / "simulation.json").write_text(json.dumps(meta, indent=2))
+        meta = simulation_marker(
+            "interference",
+            asdict(cfg),
+            truth=truth,
+            viewer_features=VIEWER_FEATURES,
+            item_features=ITEM_FEATURES,
+            subgroup=SUBGROUP,
+            n_files=len(sizes),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        (tmp / SIMULATION_MARKER).write_text(json.dumps(meta, indent=2))
     return Path(out)
 
 
 def read_truth(data_path: str | Path) -> dict | None:
-    """The ``truth`` block of ``<data>/../simulation.json``, or None."""
-    meta = Path(data_path).resolve().parent / "simulation.json"
-    if not meta.exists():
-        return None
-    found = json.loads(meta.read_text())
-    return found.get("truth") if found.get("kind") == "interference" else None
+    """The ``truth`` block of this project's simulation marker beside ``data_path``, or None."""
+    found = read_simulation_marker(str(data_path), "interference")
+    return found.get("truth") if found else None

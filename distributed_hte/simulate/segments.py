@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from distributed_hte.simulate.chunks import atomic_folder, chunk_sizes, write_chunks
+from distributed_hte.simulate.marker import SIMULATION_MARKER, simulation_marker
 
 
 @dataclass(frozen=True)
@@ -161,11 +162,11 @@ def simulate_segments(cfg: SegmentsSimConfig, out: str | Path, *, progress: bool
             progress,
         )
         (tmp / "truth.json").write_text(json.dumps(truth_dict(world), indent=1))
-        meta = {
-            "kind": "segments",
-            "config": asdict(cfg),
-            "n_files": len(sizes),
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        (tmp / "simulation.json").write_text(json.dumps(meta, indent=2))
+        meta = simulation_marker(
+            "segments",
+            asdict(cfg),
+            n_files=len(sizes),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        (tmp / SIMULATION_MARKER).write_text(json.dumps(meta, indent=2))
     return Path(out)

@@ -33,6 +33,9 @@ from distributed_hte.estimators.interference import (
 from distributed_hte.models.interference import (
     InterferenceNets,
     NetConfig,
+)
+from distributed_hte.models.config import MLPConfig
+from distributed_hte.models.interference import (
     fold_weights,
     query_losses,
     weighted_loss,
@@ -53,9 +56,9 @@ REFERENCE = ["DB_oracle"]
 class FitConfig:
     """Full-batch training of the nuisance ensembles in one replication."""
 
-    choice: NetConfig = NetConfig((32, 32), "silu")
-    response: NetConfig = NetConfig((32, 32), "silu")
-    pdl: NetConfig = NetConfig((64, 64), "silu")
+    choice: MLPConfig = NetConfig((32, 32), "silu")
+    response: MLPConfig = NetConfig((32, 32), "silu")
+    pdl: MLPConfig = NetConfig((64, 64), "silu")
     steps: int = 400
     lr: float = 0.01
     weight_decay: float = 0.0

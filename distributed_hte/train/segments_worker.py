@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distributed_hte.data.split import split_unit
+from distributed_hte.estimators.crossfit import assign_folds
 from distributed_hte.models.segments import (
     CreativeBlock,
     DataPass,
@@ -85,13 +85,7 @@ class SegmentsEncoder:
         idx, _ = self.creative_index(batch)
         x = self.features_matrix(batch)
         y = np.asarray(batch[self.label], dtype=np.float64)
-        if self.n_folds > 1:
-            fold = np.minimum(
-                (split_unit(batch, self.fold_key) * self.n_folds).astype(np.int64),
-                self.n_folds - 1,
-            )
-        else:
-            fold = np.zeros(len(y), dtype=np.int64)
+        fold = assign_folds(batch, self.fold_key, self.n_folds)
         return idx, x, y, fold
 
 

@@ -27,14 +27,7 @@ from distributed_hte.spec import JobSpec, TuneSpec, with_overrides
 log = logging.getLogger(__name__)
 
 # Artefacts of the best trial promoted to the sweep's run directory.
-PROMOTED = [
-    "metrics.json",
-    "coefficients.json",
-    "history.parquet",
-    "fixed_effects",
-    "model",
-    "plots",
-]
+PROMOTED = ["metrics.json", "fit.json", "model", "plots"]
 
 
 def param_space(tune_spec: TuneSpec) -> dict[str, Any]:

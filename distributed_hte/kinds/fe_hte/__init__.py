@@ -1,0 +1,389 @@
+"""Kind ``fe_hte``: y = beta(X_beta)·T + g(X_g) + Σ_f FE_f[id_f] + intercept.
+
+fit: profile (vocabularies, moments) → Ray Train DDP over Ray Data shards → normalise
+the fixed effects (zero mean per family, constant in the intercept) → model bundle.
+evaluate: one distributed pass of R², RMSE and (where the data carries them) truth
+correlations. report: metrics, fixed-effect tables, coefficients, plots.
+See :mod:`distributed_hte.models.fe_hte` for identification.
+
+Imports of torch and Ray happen inside the stages: importing this package (and its
+``spec``) stays light.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from distributed_hte.data.profile import DatasetProfile, profile_dataset
+from distributed_hte.data.schema import ColumnRequirement, check_schema
+from distributed_hte.errors import DataError
+from distributed_hte.evaluation.metrics import correlation_from_sums, regression_metrics
+from distributed_hte.kinds import Kind
+from distributed_hte.kinds.fe_hte.spec import FeHteSpec
+from distributed_hte.kinds.toolkit import (
+    ModelBundle,
+    RowFilter,
+    apply_rows,
+    load_bundle,
+    read_parquet,
+    read_simulation_marker,
+    save_bundle,
+    simulate_once,
+    sum_rows,
+    truth_location,
+    write_history,
+    write_predictions,
+)
+from distributed_hte.rundir import RunDir, write_json
+
+if TYPE_CHECKING:
+    from distributed_hte.kinds.fe_hte.plugin import FeHtePlugin
+
+log = logging.getLogger(__name__)
+
+FIT_FILE = "fit.json"
+
+
+@dataclass
+class FeHtePrepared:
+    path: str
+    n_rows: int
+    profile: DatasetProfile
+    truth: dict[str, Any]  # fixed-effect column -> pd.Series of true effects (by id)
+    beta_true: str | None  # truth columns to read (None: not used)
+    g_true: str | None
+
+
+class FeHteKind(Kind):
+    name = "fe_hte"
+    spec_class = FeHteSpec
+    artefacts = ["coefficients.json", "history.parquet", "fixed_effects", "model", "plots"]
+
+    # -- simulate ---------------------------------------------------------------------
+    def simulate(self, spec: FeHteSpec, progress: bool = True) -> Path:
+        """Simulate once: a folder whose marker records the same section is reused."""
+        from distributed_hte.simulate import fe_hte as sim
+
+        assert spec.simulate is not None
+        cfg = sim.FeHteSimConfig(**spec.simulate.model_dump(exclude={"out"}))
+        return simulate_once(
+            self.name, spec, asdict(cfg), lambda out: sim.simulate_fe_hte(cfg, out, progress=progress)
+        )
+
+    # -- check / prepare ----------------------------------------------------------------
+    def requirements(self, spec: FeHteSpec) -> list[ColumnRequirement]:
+        d = spec.data
+        req = [
+            ColumnRequirement(d.outcome, "data.outcome", "numeric"),
+            ColumnRequirement(d.treatment, "data.treatment", "numeric"),
+        ]
+        req += [ColumnRequirement(c, "data.beta_features", "numeric") for c in d.beta_features]
+        req += [ColumnRequirement(c, "data.g_features", "numeric") for c in d.g_features]
+        req += [ColumnRequirement(c, "data.fixed_effects", "id") for c in d.fixed_effects]
+        for c in d.split_key or []:
+            req.append(
+                ColumnRequirement(c, "data.split_key", "id" if c in d.fixed_effects else "numeric")
+            )
+        return req
+
+    def check(self, spec: FeHteSpec) -> None:
+        assert spec.data.path is not None
+        check_schema(spec.data.path, self.requirements(spec))
+
+    def prepare(self, spec: FeHteSpec) -> FeHtePrepared:
+        from distributed_hte.kinds.fe_hte.report import read_fixed_effect_truth
+
+        d = spec.data
+        assert d.path is not None
+        req = self.requirements(spec)
+        summary = check_schema(d.path, req)
+        numeric = [d.outcome, d.treatment, *d.beta_features, *d.g_features]
+        fields = {r.name: r.field for r in req}
+        profile = profile_dataset(
+            read_parquet(d.path, numeric + d.fixed_effects), numeric, d.fixed_effects, fields
+        )
+        for c in d.beta_features + d.g_features:
+            if profile.moments[c].std == 0:
+                raise DataError(
+                    f"feature {c!r} is constant over the whole dataset; drop it from the spec (a constant carries no signal)"
+                )
+        truth_dir = truth_location(d.truth_dir, d.path, self.name, "truth", "data.truth_dir")
+        truth = {}
+        for col in d.fixed_effects if truth_dir else []:
+            series = read_fixed_effect_truth(truth_dir, col)
+            if series is not None:
+                truth[col] = series
+        simulated = read_simulation_marker(d.path, self.name) is not None
+        names = summary.schema.names
+
+        def truth_column(field: str) -> str | None:
+            col = getattr(d, field)
+            chosen = field in d.model_fields_set  # named by the user, not a default
+            if not col or not (simulated or chosen):
+                return None
+            if col not in names:
+                if chosen:
+                    raise DataError(f"data.{field} names column {col!r}, which the data lacks")
+                return None
+            return col
+
+        log.info(
+            "[prepare] %s: %d rows in %d file(s); fixed effects %s",
+            d.path,
+            profile.n_rows,
+            summary.n_files,
+            ", ".join(f"{c}={len(profile.vocab[c])}" for c in d.fixed_effects),
+        )
+        return FeHtePrepared(
+            path=d.path,
+            n_rows=profile.n_rows,
+            profile=profile,
+            truth=truth,
+            beta_true=truth_column("beta_true"),
+            g_true=truth_column("g_true"),
+        )
+
+    def make_plugin(self, spec: FeHteSpec, prepared: FeHtePrepared) -> FeHtePlugin:
+        from distributed_hte.kinds.fe_hte.plugin import FeHtePlugin
+
+        d, m = spec.data, prepared.profile.moments
+
+        def scale(c: str) -> float:
+            return m[c].std or 1.0
+
+        return FeHtePlugin(
+            outcome=d.outcome,
+            treatment=d.treatment,
+            beta_features=list(d.beta_features),
+            g_features=list(d.g_features),
+            fixed_effects=list(d.fixed_effects),
+            vocab={c: prepared.profile.vocab[c] for c in d.fixed_effects},
+            beta_mean=[m[c].mean for c in d.beta_features],
+            beta_scale=[scale(c) for c in d.beta_features],
+            g_mean=[m[c].mean for c in d.g_features],
+            g_scale=[scale(c) for c in d.g_features],
+            beta_net=spec.model.beta_net.config(),
+            g_net=spec.model.g_net.config(),
+            fixed_effect_lr_multiplier=spec.model.fixed_effect_lr_multiplier,
+        )
+
+    @staticmethod
+    def split_key(spec: FeHteSpec) -> list[str]:
+        d = spec.data
+        return list(
+            d.split_key
+            or [d.outcome, d.treatment, *d.fixed_effects, *d.beta_features, *d.g_features]
+        )
+
+    # -- fit --------------------------------------------------------------------------
+    def fit(
+        self, spec: FeHteSpec, prepared: FeHtePrepared, run: RunDir, callbacks: list | None = None
+    ) -> None:
+        import torch
+
+        from distributed_hte.data.split import cache_if_small, split_datasets
+        from distributed_hte.train.trainer import fit, training_summary
+
+        plugin = self.make_plugin(spec, prepared)
+        ds = read_parquet(prepared.path, plugin.columns)
+        datasets = split_datasets(ds, self.split_key(spec), spec.train.val_fraction)
+        cached = cache_if_small(datasets, prepared.n_rows, len(plugin.columns), spec.data.cache)
+        train_rows = int(prepared.n_rows * (1 - spec.train.val_fraction))
+        log.info(
+            "[fit] %d workers%s, %d epochs, batch %d",
+            spec.scaling.num_workers,
+            " on GPU" if spec.scaling.use_gpu else "",
+            spec.train.epochs,
+            spec.train.batch_size,
+        )
+        t0 = time.perf_counter()
+        result = fit(spec, plugin, datasets, train_rows, run.path, callbacks=callbacks)
+        summary = training_summary(result, time.perf_counter() - t0, spec.scaling.num_workers)
+        summary["cached_in_object_store"] = cached
+
+        model = plugin.build_model()
+        model.load_state_dict(
+            torch.load(result.best_model_path, map_location="cpu", weights_only=True)
+        )
+        counts = [
+            torch.as_tensor(prepared.profile.id_counts[c].copy()) for c in plugin.fixed_effects
+        ]
+        model.normalize_(counts)
+        write_json(run.file(FIT_FILE), {"training": summary, "history": result.history})
+        save_bundle(
+            run.path,
+            self.name,
+            spec,
+            {"plugin": plugin.to_config()},
+            {
+                "state.pt": lambda p: torch.save(model.state_dict(), p),
+                "vocab.npz": plugin.save_vocab,
+            },
+        )
+
+    # -- evaluate ---------------------------------------------------------------------
+    def evaluate(
+        self, bundle: ModelBundle, data_path: str, rows: RowFilter | None = None
+    ) -> dict[str, Any]:
+        """R², RMSE, MAE of y over ``rows`` of ``data_path`` (``{"n", "r2", ...}``)."""
+        from distributed_hte.kinds.fe_hte.plugin import FeHtePlugin
+
+        plugin = FeHtePlugin.from_bundle(bundle)
+        sums = self._sums(plugin, bundle.state_bytes(), data_path, rows)
+        return regression_metrics({k[6:]: v for k, v in sums.items() if k.startswith("train_")})
+
+    def _sums(
+        self,
+        plugin: FeHtePlugin,
+        state: bytes,
+        data_path: str,
+        rows: RowFilter | None = None,
+        split_key: list[str] | None = None,
+        val_fraction: float = 0.0,
+        beta_true: str | None = None,
+        g_true: str | None = None,
+    ) -> dict[str, float]:
+        from distributed_hte.kinds.fe_hte.plugin import evaluation_sums_batch
+
+        cols = list(dict.fromkeys(plugin.columns + (split_key or [])))
+        cols += [c for c in (beta_true, g_true) if c]
+        if rows is not None and rows.column not in cols:
+            cols.append(rows.column)
+        kwargs = dict(
+            plugin=plugin,
+            state=state,
+            split_key=split_key,
+            val_fraction=val_fraction,
+            beta_true=beta_true,
+            g_true=g_true,
+            rows=rows,
+        )
+        # take_all of one row per batch, not Dataset.sum: an aggregation shuffles, and its
+        # tasks cannot be placed inside a Tune trial's placement group.
+        return sum_rows(
+            read_parquet(data_path, cols)
+            .map_batches(
+                evaluation_sums_batch, fn_kwargs=kwargs, batch_format="numpy", batch_size=65_536
+            )
+            .take_all()
+        )
+
+    # -- report -----------------------------------------------------------------------
+    def report(
+        self, spec: FeHteSpec, prepared: FeHtePrepared, run: RunDir, bundle: ModelBundle
+    ) -> dict[str, Any]:
+        import torch
+
+        from distributed_hte.kinds.fe_hte.plugin import FeHtePlugin, predict_batch
+        from distributed_hte.kinds.fe_hte.report import export_fixed_effects, plot_beta_recovery
+
+        plugin = FeHtePlugin.from_bundle(bundle)
+        state = bundle.state_bytes()
+        log.info("[evaluate] evaluation pass over %d rows", prepared.n_rows)
+        sums = self._sums(
+            plugin,
+            state,
+            prepared.path,
+            split_key=self.split_key(spec),
+            val_fraction=spec.train.val_fraction,
+            beta_true=prepared.beta_true,
+            g_true=prepared.g_true,
+        )
+        metrics: dict[str, Any] = {}
+        for side in ("train", "val"):
+            side_sums = {k[len(side) + 1 :]: v for k, v in sums.items() if k.startswith(side + "_")}
+            if side_sums.get("n", 0) > 0:
+                metrics[side] = regression_metrics(side_sums)
+        truth: dict[str, Any] = {}
+        if prepared.beta_true:
+            truth.update(correlation_from_sums(sums, "beta"))
+        if prepared.g_true:
+            truth.update(correlation_from_sums(sums, "g"))
+        if truth:
+            metrics["truth"] = truth
+        fitted = json.loads((run.path / FIT_FILE).read_text())
+        metrics["training"] = fitted["training"]
+
+        model = plugin.build_model()
+        model.load_state_dict(bundle.state_dict())
+        metrics["fixed_effects"] = export_fixed_effects(
+            model, plugin.vocab, prepared.profile.id_counts, prepared.truth, run
+        )
+        coefs = model.linear_coefficients(plugin.beta_features, plugin.g_features)
+        if "beta" in coefs or "g" in coefs:
+            write_json(run.file("coefficients.json"), coefs)
+        write_json(run.file("metrics.json"), metrics)
+        write_history(run, fitted["history"], spec.name, "MSE")
+        if prepared.beta_true:
+            sample = read_parquet(prepared.path, [*plugin.columns, prepared.beta_true])
+            sample = sample.limit(20_000).to_pandas()
+            with torch.no_grad():
+                pred = predict_batch(
+                    {c: sample[c].to_numpy() for c in sample.columns}, plugin, state, []
+                )
+            plot_beta_recovery(sample[prepared.beta_true].to_numpy(), pred["beta_hat"], run)
+        return metrics
+
+    # -- predict ----------------------------------------------------------------------
+    def predict(self, run_dir: Path, data_path: str, out_path: Path) -> dict[str, Any]:
+        from distributed_hte.kinds.fe_hte.plugin import FeHtePlugin, predict_batch
+
+        bundle = load_bundle(run_dir, self.name)
+        plugin = FeHtePlugin.from_bundle(bundle)
+        req = [
+            ColumnRequirement(c, "the trained model", "numeric")
+            for c in [plugin.treatment, *plugin.beta_features, *plugin.g_features]
+        ]
+        req += [ColumnRequirement(c, "the trained model", "id") for c in plugin.fixed_effects]
+        check_schema(data_path, req)
+        cols = [plugin.treatment, *plugin.beta_features, *plugin.g_features, *plugin.fixed_effects]
+        scored = read_parquet(data_path, cols).map_batches(
+            predict_batch,
+            fn_kwargs={"plugin": plugin, "state": bundle.state_bytes(), "keep": plugin.fixed_effects},
+            batch_format="numpy",
+            batch_size=65_536,
+        )
+        return write_predictions(scored, out_path)
+
+    # -- old run directories ------------------------------------------------------------
+    def export_legacy(self, run_dir: Path) -> ModelBundle:
+        """Write ``model/bundle.json`` for a run saved as a pickled ``model/predictor.pt``."""
+        import torch
+
+        from distributed_hte.kinds.fe_hte.plugin import FeHtePlugin
+
+        old = torch.load(Path(run_dir) / "model" / "predictor.pt", weights_only=False)
+        plugin: FeHtePlugin = old["plugin"]
+        state = torch.load(io.BytesIO(old["state"]), map_location="cpu", weights_only=False)
+        return save_bundle(
+            Path(run_dir),
+            self.name,
+            _spec_of(run_dir),
+            {"plugin": plugin.to_config()},
+            {"state.pt": lambda p: torch.save(state, p), "vocab.npz": plugin.save_vocab},
+        )
+
+
+def _spec_of(run_dir: Path):
+    from distributed_hte.spec import load_spec
+
+    return load_spec(Path(run_dir) / "spec.yaml")
+
+
+def __getattr__(name: str) -> Any:
+    # Pickles of older runs name distributed_hte.kinds.fe_hte.FeHtePlugin.
+    if name == "FeHtePlugin":
+        from distributed_hte.kinds.fe_hte.plugin import FeHtePlugin
+
+        return FeHtePlugin
+    raise AttributeError(name)
+
+
+KIND = FeHteKind
+__all__ = ["KIND", "FeHteKind", "FeHtePrepared"]

@@ -1,0 +1,120 @@
+"""Spec sections of kind ``fe_hte`` (no torch, no Ray: ``dhte validate`` stays light)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from distributed_hte.simulate.fe_hte import BETA_FEATURES, FIXED_EFFECTS, G_FEATURES
+from distributed_hte.spec import JobSpec, NetSpec, StrictModel
+
+
+class MLPSpec(NetSpec):
+    """A sub-network. ``hidden: []`` is linear (coefficients are exported)."""
+
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    batchnorm: bool = False
+
+
+class FeHteModelSpec(StrictModel):
+    beta_net: MLPSpec = MLPSpec()
+    g_net: MLPSpec = MLPSpec()
+    # Each id's embedding sees a gradient from only a few rows per batch; a larger step
+    # size for the embeddings lets them converge in as many epochs as the networks.
+    fixed_effect_lr_multiplier: float = Field(10.0, gt=0)
+    solver: Literal["auto", "exact", "sgd"] = Field(
+        "auto",
+        description="exact: solve the linear model as feols does (both nets linear); "
+        "sgd: Ray Train; auto: exact when both nets are linear",
+    )
+
+    @model_validator(mode="after")
+    def _exact_needs_linear(self) -> FeHteModelSpec:
+        if self.solver == "exact" and not self.is_linear:
+            raise ValueError(
+                "solver: exact needs linear nets (beta_net.hidden: [] and g_net.hidden: []); "
+                "use solver: sgd or auto for nonlinear nets"
+            )
+        return self
+
+    @property
+    def is_linear(self) -> bool:
+        return not self.beta_net.hidden and not self.g_net.hidden
+
+
+class FeHteDataSpec(StrictModel):
+    """Columns of the input parquet. Defaults match the simulator's output."""
+
+    path: str | None = None
+    outcome: str = "revenue"
+    treatment: str = "clicks"
+    beta_features: list[str] = Field(default_factory=lambda: list(BETA_FEATURES))
+    g_features: list[str] = Field(default_factory=lambda: list(G_FEATURES))
+    fixed_effects: list[str] = Field(default_factory=lambda: list(FIXED_EFFECTS))
+    split_key: list[str] | None = Field(
+        None, description="columns hashed for the train/val split (default: all used)"
+    )
+    beta_true: str | None = Field(
+        "beta_true",
+        description="column of the true effect (read on this project's simulated data, or when set)",
+    )
+    g_true: str | None = Field(
+        "g_true",
+        description="column of the true g (read on this project's simulated data, or when set)",
+    )
+    truth_dir: str | None = Field(
+        None,
+        description="fixed-effect truth files <column>.parquet (id, effect); default: the "
+        "simulator's, only on data this project simulated",
+    )
+    cache: Literal["auto", "always", "never"] = Field(
+        "auto",
+        description="keep the split datasets in the object store across epochs (auto: when small)",
+    )
+
+
+class FeHteSimulateSpec(StrictModel):
+    """Simulated data (see :mod:`distributed_hte.simulate.fe_hte`)."""
+
+    n_rows: int = Field(500_000, ge=1)
+    n_users: int = Field(10_000, ge=1)
+    n_vendors: int = Field(2_000, ge=1)
+    n_periods: int = Field(50, ge=1)
+    beta: Literal["linear", "nonlinear"] = "linear"
+    g: Literal["linear", "nonlinear"] = "linear"
+    noise_sd: float = Field(0.5, ge=0.0)
+    seed: int = 0
+    chunk_rows: int = Field(1_000_000, ge=1_000)
+    out: str | None = Field(
+        None, description="output folder (default: <outputs.dir>/data/<name>-<hash>)"
+    )
+
+
+class FeHteSpec(JobSpec):
+    kind: Literal["fe_hte"]
+    data: FeHteDataSpec = FeHteDataSpec()
+    model: FeHteModelSpec = FeHteModelSpec()
+    simulate: FeHteSimulateSpec | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> FeHteSpec:
+        d = self.data
+        if d.path is None and self.simulate is None:
+            raise ValueError("data.path is required unless a simulate section generates the data")
+        used = [d.outcome, d.treatment, *d.beta_features, *d.g_features, *d.fixed_effects]
+        dupes = sorted({c for c in used if used.count(c) > 1})
+        if dupes:
+            raise ValueError(
+                f"data: column(s) {dupes} are named more than once across outcome/treatment/features/fixed_effects"
+            )
+        return self
+
+    @property
+    def uses_exact_solver(self) -> bool:
+        """``model.solver`` resolved: exact for linear nets unless sgd is forced."""
+        m = self.model
+        return m.solver == "exact" or (m.solver == "auto" and m.is_linear)
+
+
+SPEC = FeHteSpec

@@ -1,0 +1,383 @@
+"""What every kind shares: simulate-once, the truth convention, parquet reading, the
+model bundle, the per-process model cache of ``map_batches`` tasks, atomic predictions,
+the training summary and the plot helper.
+
+Nothing here imports torch or Ray at module level: kind packages import this from their
+``__init__`` and their spec must stay importable without either.
+
+Ground truth
+------------
+Truth is read only (a) from a path the spec names, or (b) when the data folder was
+written by this project's simulator: ``<data>/../simulation.json`` names the producer
+(``distributed_hte``), the kind and the schema version (:mod:`distributed_hte.simulate.marker`). Files that merely
+sit beside user data (a colleague's ``truth/`` or ``truth.json``) are never guessed.
+
+Model bundle
+------------
+``<run>/model/bundle.json`` (plain JSON: format, kind, the spec fingerprint, the kind's
+config) plus the weights it names (``state.pt``: a torch ``state_dict`` loadable with
+``weights_only=True``; or ``arrays.npz``). ``bundle.json`` is written last, atomically:
+its presence means the fit is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.dataset as pads
+
+from distributed_hte.errors import DataError, RunDirError, SpecError
+from distributed_hte.rundir import COMPLETE, write_json
+from distributed_hte.simulate.marker import (
+    SIMULATION_MARKER,
+    SIMULATION_SCHEMA_VERSION,
+    read_simulation_marker,
+)
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FORMAT = "distributed_hte.model_bundle"
+BUNDLE_VERSION = 1
+BUNDLE_FILE = "bundle.json"
+# Spec sections that do not change what is fitted (where it runs, where it is written).
+_NOT_FITTED = ("outputs", "runtime", "tune", "name")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def read_parquet(path: str, columns: list[str] | None = None):
+    """A Ray Dataset over the ``*.parquet`` files under ``path`` (other files ignored)."""
+    import ray.data
+
+    return ray.data.read_parquet(path, columns=columns, file_extensions=["parquet"])
+
+
+@dataclass(frozen=True, slots=True)
+class RowFilter:
+    """Rows whose ``column`` lies in ``[low, high)`` (either bound optional)."""
+
+    column: str
+    low: Any = None
+    high: Any = None
+
+    def mask(self, batch: dict[str, Any]):
+        """``(n,)`` bool of the batch's selected rows."""
+        import numpy as np
+
+        values = np.asarray(batch[self.column])
+        keep = np.ones(len(values), dtype=bool)
+        if self.low is not None:
+            keep &= values >= self.low
+        if self.high is not None:
+            keep &= values < self.high
+        return keep
+
+
+def apply_rows(dataset, rows: RowFilter | None):
+    """``dataset`` restricted to ``rows`` (a lazy ``map_batches``); unchanged for None."""
+    if rows is None:
+        return dataset
+    return dataset.map_batches(_filter_rows, fn_kwargs={"rows": rows}, batch_format="numpy")
+
+
+def _filter_rows(batch: dict[str, Any], rows: RowFilter) -> dict[str, Any]:
+    keep = rows.mask(batch)
+    return {k: v[keep] for k, v in batch.items()}
+
+
+def sum_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """Add up one-row-per-batch sums (``take_all`` of a ``map_batches`` reduction)."""
+    out: dict[str, float] = {}
+    for row in rows:
+        for k, v in row.items():
+            out[k] = out.get(k, 0.0) + float(v)
+    return out
+
+
+# ----------------------------------------------------------------------------- simulation
+
+
+def simulated_data_path(spec) -> Path | None:
+    """Where the spec's ``simulate`` section puts its data (None: no simulate section).
+
+    ``simulate.out`` if given, else ``<outputs.dir>/data/<name>-<hash>``; the hash covers
+    the section and the marker's schema version.
+    """
+    section = getattr(spec, "simulate", None)
+    if section is None:
+        return None
+    if getattr(section, "out", None):
+        return Path(section.out).expanduser()
+    blob = json.dumps([SIMULATION_SCHEMA_VERSION, spec.to_dict().get("simulate")], sort_keys=True)
+    digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
+    return Path(spec.outputs.dir).expanduser() / "data" / f"{spec.name}-{digest}"
+
+
+def simulate_once(
+    kind: str, spec, config: dict[str, Any], write: Callable[[Path], Any]
+) -> Path:
+    """Run ``write(out)`` unless ``out`` already holds this simulation; return ``out/data``.
+
+    A folder whose marker records the same ``config`` is reused; any other existing folder
+    is an error (never overwritten). ``write`` must create ``out`` atomically with a
+    marker made by :func:`simulation_marker`.
+    """
+    out = simulated_data_path(spec)
+    assert out is not None
+    meta = out / SIMULATION_MARKER
+    wanted = json.loads(json.dumps(config))
+    if meta.exists():
+        found = read_simulation_marker(str(out / "data"), kind)
+        if found is not None and found.get("config") == wanted:
+            log.info("[simulate] reusing %s (same simulate section)", out)
+            return out / "data"
+        raise SpecError(
+            f"simulate.out {out} already holds a different simulation; choose another "
+            "simulate.out or delete that folder"
+        )
+    if out.exists():
+        raise SpecError(
+            f"simulate.out {out} exists and is not a finished simulation; delete it or choose another"
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    write(out)
+    log.info("[simulate] %s in %.1fs → %s", kind, time.perf_counter() - t0, out)
+    return out / "data"
+
+
+def truth_location(
+    explicit: str | None, data_path: str, kind: str, default: str, field: str
+) -> Path | None:
+    """Where this run's ground truth is: the spec's path, or the simulator's, or None.
+
+    ``default`` is the truth's place relative to the marker's folder (e.g. ``truth``).
+    A path the spec names must exist (DataError naming ``field`` otherwise).
+    """
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.exists():
+            raise DataError(f"{field} names {path}, which does not exist")
+        return path
+    if read_simulation_marker(data_path, kind) is None:
+        return None
+    path = Path(data_path).expanduser().resolve().parent / default
+    return path if path.exists() else None
+
+
+def truth_error(field: str, path: Path, problem: str) -> DataError:
+    """The prepare-time error for a truth file that does not fit the expected schema."""
+    return DataError(
+        f"the ground truth at {path} ({field}) {problem}; fix it, or drop {field} to run "
+        "without recovery metrics"
+    )
+
+
+# ----------------------------------------------------------------------------- bundle
+
+
+def spec_fingerprint(spec) -> str:
+    """Hash of the spec sections that determine the fitted model."""
+    raw = {k: v for k, v in spec.to_dict().items() if k not in _NOT_FITTED}
+    return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ModelBundle:
+    """A fitted model as written in a run directory: plain config plus weights files."""
+
+    run_dir: Path
+    kind: str
+    config: dict[str, Any]
+    files: dict[str, str]  # role -> file name under model/
+    spec_fingerprint: str
+
+    def path(self, role: str) -> Path:
+        return self.run_dir / "model" / self.files[role]
+
+    def state_dict(self, role: str = "state") -> dict[str, Any]:
+        """The torch ``state_dict`` saved under ``role`` (no pickled classes)."""
+        import torch
+
+        return torch.load(self.path(role), map_location="cpu", weights_only=True)
+
+    def state_bytes(self, role: str = "state") -> bytes:
+        """The raw file, to ship to Ray Data tasks (cheap to pickle, hashable)."""
+        return self.path(role).read_bytes()
+
+
+def save_bundle(
+    run_path: Path,
+    kind: str,
+    spec,
+    config: dict[str, Any],
+    files: dict[str, Callable[[Path], Any]],
+) -> ModelBundle:
+    """Write the bundle: each ``files[role](path)`` writes one file, then ``bundle.json``.
+
+    ``files`` maps a role to a writer, e.g. ``{"state.pt": lambda p: torch.save(sd, p)}``;
+    the role is the file name.
+    """
+    model_dir = Path(run_path) / "model"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    marker = model_dir / BUNDLE_FILE
+    if marker.exists():
+        marker.unlink()  # a refit replaces the bundle: incomplete until rewritten
+    names = {}
+    for name, writer in files.items():
+        tmp = model_dir / f".{name}.tmp"
+        writer(tmp)
+        os.replace(tmp, model_dir / name)
+        names[name.split(".")[0]] = name
+    meta = {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "kind": kind,
+        "spec_fingerprint": spec_fingerprint(spec),
+        "created": dt.datetime.now().isoformat(timespec="seconds"),
+        "files": names,
+        "config": json.loads(json.dumps(config, default=_plain_json)),
+    }
+    write_json(marker, meta)
+    return ModelBundle(Path(run_path), kind, meta["config"], names, meta["spec_fingerprint"])
+
+
+def load_bundle(run_dir: Path | str, kind: str, require_complete_run: bool = True) -> ModelBundle:
+    """The model bundle of ``run_dir``; RunDirError if it is missing, partial or foreign.
+
+    ``require_complete_run``: refuse a run without its ``COMPLETE`` marker (what
+    ``predict`` and the life cycle want); the runner itself resumes from a bundle whose
+    run failed later, in ``report``.
+    """
+    run_dir = Path(run_dir).expanduser().resolve()
+    if require_complete_run and not (run_dir / COMPLETE).exists():
+        raise RunDirError(
+            f"{run_dir} is not a complete run (no COMPLETE marker); finish it with "
+            f"`dhte run {run_dir / 'spec.yaml'} --run-dir {run_dir}` or use a complete run"
+        )
+    marker = run_dir / "model" / BUNDLE_FILE
+    if not marker.exists():
+        if (run_dir / "model" / "predictor.pt").exists():
+            raise RunDirError(
+                f"{run_dir} was written by an older distributed_hte (a pickled model/predictor.pt). "
+                f"Convert it once with `dhte export-bundle {run_dir}`, which writes "
+                "model/bundle.json beside it"
+            )
+        raise RunDirError(f"{run_dir} holds no fitted model (no model/{BUNDLE_FILE})")
+    meta = json.loads(marker.read_text())
+    if meta.get("format") != BUNDLE_FORMAT or meta.get("version") != BUNDLE_VERSION:
+        raise RunDirError(f"{marker} is not a model bundle this version reads")
+    if meta.get("kind") != kind:
+        raise RunDirError(f"{run_dir} holds a {meta.get('kind')!r} model, not a {kind!r} one")
+    missing = [n for n in meta["files"].values() if not (run_dir / "model" / n).exists()]
+    if missing:
+        raise RunDirError(f"{run_dir}/model is incomplete: missing {', '.join(missing)}")
+    return ModelBundle(run_dir, kind, meta["config"], meta["files"], meta["spec_fingerprint"])
+
+
+def _plain_json(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if hasattr(obj, "item"):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# One model per worker process and weights: Ray reuses task processes, so a
+# map_batches function builds its model once instead of once per batch.
+_CACHE: dict[tuple[str, int], Any] = {}
+
+
+def cached(tag: str, key: bytes, build: Callable[[], Any]) -> Any:
+    """``build()`` once per process for (``tag``, ``key``); the previous entry is dropped."""
+    k = (tag, hash(key))
+    if k not in _CACHE:
+        value = build()
+        for old in [c for c in _CACHE if c[0] == tag]:
+            del _CACHE[old]
+        _CACHE[k] = value
+    return _CACHE[k]
+
+
+# ----------------------------------------------------------------------------- predictions
+
+
+def check_new_output(out_path: Path | str) -> Path:
+    """``out_path`` resolved; RunDirError if something is already there."""
+    out = Path(out_path).expanduser().resolve()
+    if out.exists():
+        raise RunDirError(f"--out {out} already exists; predictions never overwrite a path")
+    return out
+
+
+def write_predictions(dataset, out_path: Path | str) -> dict[str, Any]:
+    """Write ``dataset`` as parquet to ``out_path`` atomically (temp folder + rename).
+
+    Returns ``{"rows", "seconds", "out"}``. Nothing is left behind on failure.
+    """
+    out = check_new_output(out_path)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    t0 = time.perf_counter()
+    try:
+        dataset.write_parquet(str(tmp))
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    n = pads.dataset(str(out), format="parquet").count_rows()
+    return {"rows": n, "seconds": time.perf_counter() - t0, "out": str(out)}
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+@contextlib.contextmanager
+def figure(path: Path, figsize: tuple[float, float] = (5.0, 3.5), **subplots: Any) -> Iterator:
+    """``with figure(path) as (fig, ax):`` draw; saved as PNG (headless) and closed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=figsize, **subplots)
+    try:
+        yield fig, ax
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
+def write_history(run, history: list[dict[str, Any]], title: str, loss_label: str = "loss") -> None:
+    """``history.parquet`` and ``plots/training_curve.png`` from per-epoch metrics."""
+    if not history:
+        return
+    import pandas as pd
+
+    pd.DataFrame(history).to_parquet(run.file("history.parquet"))
+    with figure(run.file("plots", "training_curve.png")) as (_, ax):
+        epochs = [h["epoch"] for h in history]
+        ax.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+        if "val_loss" in history[0]:
+            ax.plot(epochs, [h.get("val_loss") for h in history], "s-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(loss_label)
+        if all(h["train_loss"] > 0 for h in history):
+            ax.set_yscale("log")
+        ax.legend()
+        ax.set_title(f"{title}: training curve")

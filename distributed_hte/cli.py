@@ -87,6 +87,32 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export_bundle(args: argparse.Namespace) -> int:
+    import yaml
+
+    from distributed_hte.kinds import get_kind
+
+    run = Path(args.run).expanduser().resolve()
+    spec_file = run / "spec.yaml"
+    if not spec_file.exists():
+        raise UserError(f"{run} is not a run directory (no spec.yaml)")
+    if (run / "model" / "bundle.json").exists():
+        print(run / "model" / "bundle.json", flush=True)
+        return 0
+    if not (run / "model" / "predictor.pt").exists():
+        raise UserError(f"{run} has no model/predictor.pt to convert")
+    kind = get_kind(yaml.safe_load(spec_file.read_text())["kind"])
+    export = getattr(kind, "export_legacy", None)
+    if export is None:
+        raise UserError(
+            f"runs of kind {kind.name!r} written before model bundles cannot be converted; "
+            f"run the spec again: dhte run {spec_file}"
+        )
+    export(run)
+    print(run / "model" / "bundle.json", flush=True)
+    return 0
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from distributed_hte.jobs import submit_job
 
@@ -159,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", required=True, help="output parquet folder (must not exist)")
     pr.add_argument("--address")
     pr.set_defaults(fn=_cmd_predict)
+
+    ex = sub.add_parser(
+        "export-bundle",
+        help="convert a run saved by an older version (pickled model/predictor.pt) to a model bundle",
+    )
+    ex.add_argument("run", help="run directory")
+    ex.set_defaults(fn=_cmd_export_bundle)
 
     sb = sub.add_parser("submit", help="submit a spec to a Ray cluster (Ray Jobs API)")
     sb.add_argument("spec")

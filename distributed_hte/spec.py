@@ -148,6 +148,26 @@ class JobSpec(StrictModel):
     outputs: OutputsSpec = OutputsSpec()
     runtime: RuntimeSpec = RuntimeSpec()
 
+    @model_validator(mode="after")
+    def _kind_checks(self) -> JobSpec:
+        self.check_kind()
+        return self
+
+    def check_kind(self) -> None:
+        """A kind's cross-field checks (raise ValueError); none by default."""
+
+    def check_data_columns(self, used: list[str], roles: str) -> None:
+        """For a kind's validator: ``data.path`` unless simulated; no column named twice.
+
+        ``used``: every column the ``data`` section names; ``roles``: how the error lists
+        the fields that name them.
+        """
+        if getattr(self.data, "path", None) is None and getattr(self, "simulate", None) is None:
+            raise ValueError("data.path is required unless a simulate section generates the data")
+        dupes = sorted({c for c in used if used.count(c) > 1})
+        if dupes:
+            raise ValueError(f"data: column(s) {dupes} are named more than once across {roles}")
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec as plain JSON-able data (what a run directory stores)."""
         return self.model_dump(mode="json")

@@ -14,7 +14,9 @@ import numpy as np
 from distributed_hte.data.split import split_unit
 
 
-def hash_unit(keys: dict[str, np.ndarray], columns: list[str], salt: int | None = None) -> np.ndarray:
+def hash_unit(
+    keys: dict[str, np.ndarray], columns: list[str], salt: int | None = None
+) -> np.ndarray:
     """A stable number in [0, 1) per row from ``columns`` of ``keys`` ``(n,)``.
 
     ``salt`` gives independent numbers from the same keys (folds vs the validation split).

@@ -469,7 +469,14 @@ def benchmark_terms(
 
 def hajek_sums(w: torch.Tensor, e: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
     """Additive sums for the Hájek DIM and its plug-in variance."""
-    we = exposed_treated(w, e)
+    return hajek_sums_exposed(exposed_treated(w, e), y)
+
+
+def hajek_sums_exposed(we, y) -> dict[str, float]:
+    """:func:`hajek_sums` from ``we`` ``(n,)`` (1 where the exposed item is treated), ``y`` ``(n,)``.
+
+    Works on torch tensors and numpy arrays alike.
+    """
     return {
         "n_t": float(we.sum()),
         "n_c": float((1 - we).sum()),

@@ -26,7 +26,9 @@ def select_on_path(path: pd.DataFrame, rule: str) -> int:
     return int(np.flatnonzero(path["cv_log_loss"].to_numpy() <= bound)[0])
 
 
-def segment_intercepts(creative_intercept: np.ndarray, segment_of: np.ndarray, m: int) -> np.ndarray:
+def segment_intercepts(
+    creative_intercept: np.ndarray, segment_of: np.ndarray, m: int
+) -> np.ndarray:
     """``(m,)`` a_j: the mean intercept of segment j's creatives (``(C,)`` inputs)."""
     return np.bincount(segment_of, weights=creative_intercept, minlength=m) / np.bincount(
         segment_of, minlength=m

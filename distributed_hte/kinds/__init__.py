@@ -17,6 +17,8 @@ from __future__ import annotations
 import importlib
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -59,17 +61,39 @@ class Kind(ABC):
         """Kind-specific summaries of a finished sweep (``table``: one row per trial)."""
         return None
 
+    def simulation(self, spec: JobSpec) -> tuple[Any, Callable[..., Any]] | None:
+        """The simulator config of the spec's ``simulate`` section and its writer
+        ``write(config, out, progress=...)``; None for a kind without a simulator."""
+        return None
+
     def simulate(self, spec: JobSpec, progress: bool = True) -> Path:
-        """Generate the dataset the spec's ``simulate`` section describes; return its path."""
-        raise SpecError(f"kind {self.name!r} has no simulator")
+        """Generate the dataset the spec's ``simulate`` section describes; return its path.
+
+        Simulates once: a folder whose marker records the same section is reused.
+        """
+        from distributed_hte.kinds.toolkit import simulate_once
+
+        found = self.simulation(spec) if getattr(spec, "simulate", None) is not None else None
+        if found is None:
+            raise SpecError(f"kind {self.name!r} has no simulator")
+        cfg, write = found
+        return simulate_once(
+            self.name, spec, asdict(cfg), lambda out: write(cfg, out, progress=progress)
+        )
 
     # -- stages ----------------------------------------------------------------------
-    @abstractmethod
+    def requirements(self, spec: JobSpec) -> list[Any]:
+        """The columns ``data.path`` must have (``ColumnRequirement`` s)."""
+        return []
+
     def check(self, spec: JobSpec) -> None:
         """Metadata-only checks of ``data.path`` (exists, non-empty, columns, types, nulls).
 
         Needs no Ray, so bad data fails in a second, before any cluster work.
         """
+        from distributed_hte.data.schema import check_schema
+
+        check_schema(spec.data.path, self.requirements(spec))
 
     @abstractmethod
     def prepare(self, spec: JobSpec) -> Any:

@@ -86,18 +86,6 @@ class RowFilter:
         return keep
 
 
-def apply_rows(dataset, rows: RowFilter | None):
-    """``dataset`` restricted to ``rows`` (a lazy ``map_batches``); unchanged for None."""
-    if rows is None:
-        return dataset
-    return dataset.map_batches(_filter_rows, fn_kwargs={"rows": rows}, batch_format="numpy")
-
-
-def _filter_rows(batch: dict[str, Any], rows: RowFilter) -> dict[str, Any]:
-    keep = rows.mask(batch)
-    return {k: v[keep] for k, v in batch.items()}
-
-
 def sum_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
     """Add up one-row-per-batch sums (``take_all`` of a ``map_batches`` reduction)."""
     out: dict[str, float] = {}
@@ -126,9 +114,7 @@ def simulated_data_path(spec) -> Path | None:
     return Path(spec.outputs.dir).expanduser() / "data" / f"{spec.name}-{digest}"
 
 
-def simulate_once(
-    kind: str, spec, config: dict[str, Any], write: Callable[[Path], Any]
-) -> Path:
+def simulate_once(kind: str, spec, config: dict[str, Any], write: Callable[[Path], Any]) -> Path:
     """Run ``write(out)`` unless ``out`` already holds this simulation; return ``out/data``.
 
     A folder whose marker records the same ``config`` is reused; any other existing folder
@@ -312,6 +298,22 @@ def cached(tag: str, key: bytes, build: Callable[[], Any]) -> Any:
             del _CACHE[old]
         _CACHE[k] = value
     return _CACHE[k]
+
+
+def cached_torch_model(tag: str, state: bytes, build: Callable[[], Any]) -> Any:
+    """``build()`` with the weights of ``state`` (``torch.save`` of a state_dict), in eval
+    mode, once per process and weights; one thread, as Ray Data tasks share the cores."""
+    import io
+
+    import torch
+
+    def load() -> Any:
+        torch.set_num_threads(1)
+        model = build()
+        model.load_state_dict(torch.load(io.BytesIO(state), map_location="cpu", weights_only=True))
+        return model.eval()
+
+    return cached(tag, state, load)
 
 
 # ----------------------------------------------------------------------------- predictions

@@ -31,6 +31,7 @@ from distributed_hte.models.layers import activation
 
 __all__ = ["MLP", "FixedEffectsHTE", "MLPConfig"]
 
+_LINEAR = MLPConfig()
 
 
 class MLP(nn.Module):
@@ -101,8 +102,8 @@ class FixedEffectsHTE(nn.Module):
         n_beta: int,
         n_g: int,
         fe_sizes: Sequence[int],
-        beta_config: MLPConfig = MLPConfig(),
-        g_config: MLPConfig = MLPConfig(),
+        beta_config: MLPConfig = _LINEAR,
+        g_config: MLPConfig = _LINEAR,
         *,
         beta_mean: Sequence[float] | None = None,
         beta_scale: Sequence[float] | None = None,

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,9 +32,14 @@ from distributed_hte.models.layers import activation
 # and it stays finite, so no inf - inf or 0 * inf appears in a gradient.
 NEG = -1e30
 
+
 def NetConfig(hidden: Sequence[int] = (32, 32), activation: str = "silu") -> MLPConfig:  # noqa: N802
     """One ensemble MLP's hidden widths and activation (dropout and batchnorm are unused)."""
     return MLPConfig(tuple(hidden), activation=activation)
+
+
+_DEFAULT_NET = NetConfig()
+_DEFAULT_PDL_NET = NetConfig((64, 64))
 
 
 class EnsembleLinear(nn.Module):
@@ -85,9 +89,9 @@ class InterferenceNets(nn.Module):
         d_x: int,
         d_z: int,
         k_max: int,
-        choice: MLPConfig = NetConfig(),
-        response: MLPConfig = NetConfig(),
-        pdl: MLPConfig = NetConfig((64, 64)),
+        choice: MLPConfig = _DEFAULT_NET,
+        response: MLPConfig = _DEFAULT_NET,
+        pdl: MLPConfig = _DEFAULT_PDL_NET,
         x_mean: Sequence[float] | None = None,
         x_scale: Sequence[float] | None = None,
         z_mean: Sequence[float] | None = None,

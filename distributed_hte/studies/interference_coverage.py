@@ -30,12 +30,10 @@ from distributed_hte.estimators.interference import (
     db_influence,
     hajek_sums,
 )
+from distributed_hte.models.config import MLPConfig
 from distributed_hte.models.interference import (
     InterferenceNets,
     NetConfig,
-)
-from distributed_hte.models.config import MLPConfig
-from distributed_hte.models.interference import (
     fold_weights,
     query_losses,
     weighted_loss,

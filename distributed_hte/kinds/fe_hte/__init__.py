@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,12 +29,10 @@ from distributed_hte.kinds.fe_hte.spec import FeHteSpec
 from distributed_hte.kinds.toolkit import (
     ModelBundle,
     RowFilter,
-    apply_rows,
     load_bundle,
     read_parquet,
     read_simulation_marker,
     save_bundle,
-    simulate_once,
     sum_rows,
     truth_location,
     write_history,
@@ -66,15 +64,11 @@ class FeHteKind(Kind):
     artefacts = ["coefficients.json", "history.parquet", "fixed_effects", "model", "plots"]
 
     # -- simulate ---------------------------------------------------------------------
-    def simulate(self, spec: FeHteSpec, progress: bool = True) -> Path:
-        """Simulate once: a folder whose marker records the same section is reused."""
+    def simulation(self, spec: FeHteSpec):
         from distributed_hte.simulate import fe_hte as sim
 
-        assert spec.simulate is not None
         cfg = sim.FeHteSimConfig(**spec.simulate.model_dump(exclude={"out"}))
-        return simulate_once(
-            self.name, spec, asdict(cfg), lambda out: sim.simulate_fe_hte(cfg, out, progress=progress)
-        )
+        return cfg, sim.simulate_fe_hte
 
     # -- check / prepare ----------------------------------------------------------------
     def requirements(self, spec: FeHteSpec) -> list[ColumnRequirement]:
@@ -91,10 +85,6 @@ class FeHteKind(Kind):
                 ColumnRequirement(c, "data.split_key", "id" if c in d.fixed_effects else "numeric")
             )
         return req
-
-    def check(self, spec: FeHteSpec) -> None:
-        assert spec.data.path is not None
-        check_schema(spec.data.path, self.requirements(spec))
 
     def prepare(self, spec: FeHteSpec) -> FeHtePrepared:
         from distributed_hte.kinds.fe_hte.report import read_fixed_effect_truth
@@ -122,15 +112,12 @@ class FeHteKind(Kind):
         simulated = read_simulation_marker(d.path, self.name) is not None
         names = summary.schema.names
 
-        def truth_column(field: str) -> str | None:
+        def truth_column(field: str, default: str) -> str | None:
             col = getattr(d, field)
-            chosen = field in d.model_fields_set  # named by the user, not a default
-            if not col or not (simulated or chosen):
-                return None
+            if col is None:  # the simulator's column, on data this project simulated
+                return default if simulated and default in names else None
             if col not in names:
-                if chosen:
-                    raise DataError(f"data.{field} names column {col!r}, which the data lacks")
-                return None
+                raise DataError(f"data.{field} names column {col!r}, which the data lacks")
             return col
 
         log.info(
@@ -145,8 +132,8 @@ class FeHteKind(Kind):
             n_rows=profile.n_rows,
             profile=profile,
             truth=truth,
-            beta_true=truth_column("beta_true"),
-            g_true=truth_column("g_true"),
+            beta_true=truth_column("beta_true", "beta_true"),
+            g_true=truth_column("g_true", "g_true"),
         )
 
     def make_plugin(self, spec: FeHteSpec, prepared: FeHtePrepared) -> FeHtePlugin:
@@ -194,6 +181,9 @@ class FeHteKind(Kind):
         ds = read_parquet(prepared.path, plugin.columns)
         datasets = split_datasets(ds, self.split_key(spec), spec.train.val_fraction)
         cached = cache_if_small(datasets, prepared.n_rows, len(plugin.columns), spec.data.cache)
+        if spec.uses_exact_solver:
+            self._fit_exact(spec, plugin, datasets["train"], run)
+            return
         train_rows = int(prepared.n_rows * (1 - spec.train.val_fraction))
         log.info(
             "[fit] %d workers%s, %d epochs, batch %d",
@@ -216,6 +206,27 @@ class FeHteKind(Kind):
         ]
         model.normalize_(counts)
         write_json(run.file(FIT_FILE), {"training": summary, "history": result.history})
+        save_bundle(
+            run.path,
+            self.name,
+            spec,
+            {"plugin": plugin.to_config()},
+            {
+                "state.pt": lambda p: torch.save(model.state_dict(), p),
+                "vocab.npz": plugin.save_vocab,
+            },
+        )
+
+    def _fit_exact(self, spec: FeHteSpec, plugin: FeHtePlugin, train, run: RunDir) -> None:
+        import torch
+
+        from distributed_hte.kinds.fe_hte.exact import fit_exact
+
+        log.info("[fit] linear nets: the exact solver (feols), two passes over the data")
+        t0 = time.perf_counter()
+        model, summary = fit_exact(plugin, train, spec.model.cluster)
+        summary["fit_seconds"] = time.perf_counter() - t0
+        write_json(run.file(FIT_FILE), {"training": summary, "history": []})
         save_bundle(
             run.path,
             self.name,
@@ -315,9 +326,15 @@ class FeHteKind(Kind):
         metrics["fixed_effects"] = export_fixed_effects(
             model, plugin.vocab, prepared.profile.id_counts, prepared.truth, run
         )
-        coefs = model.linear_coefficients(plugin.beta_features, plugin.g_features)
-        if "beta" in coefs or "g" in coefs:
-            write_json(run.file("coefficients.json"), coefs)
+        training = fitted["training"]
+        if training.get("solver") == "exact":
+            # float64 from the solver, with standard errors of every vcov type
+            write_json(run.file("coefficients.json"), training["coefficients"])
+            write_json(run.file("inference.json"), training["inference"])
+        else:
+            coefs = model.linear_coefficients(plugin.beta_features, plugin.g_features)
+            if "beta" in coefs or "g" in coefs:
+                write_json(run.file("coefficients.json"), coefs)
         write_json(run.file("metrics.json"), metrics)
         write_history(run, fitted["history"], spec.name, "MSE")
         if prepared.beta_true:
@@ -345,7 +362,11 @@ class FeHteKind(Kind):
         cols = [plugin.treatment, *plugin.beta_features, *plugin.g_features, *plugin.fixed_effects]
         scored = read_parquet(data_path, cols).map_batches(
             predict_batch,
-            fn_kwargs={"plugin": plugin, "state": bundle.state_bytes(), "keep": plugin.fixed_effects},
+            fn_kwargs={
+                "plugin": plugin,
+                "state": bundle.state_bytes(),
+                "keep": plugin.fixed_effects,
+            },
             batch_format="numpy",
             batch_size=65_536,
         )
@@ -356,10 +377,8 @@ class FeHteKind(Kind):
         """Write ``model/bundle.json`` for a run saved as a pickled ``model/predictor.pt``."""
         import torch
 
-        from distributed_hte.kinds.fe_hte.plugin import FeHtePlugin
-
         old = torch.load(Path(run_dir) / "model" / "predictor.pt", weights_only=False)
-        plugin: FeHtePlugin = old["plugin"]
+        plugin = old["plugin"]
         state = torch.load(io.BytesIO(old["state"]), map_location="cpu", weights_only=False)
         return save_bundle(
             Path(run_dir),

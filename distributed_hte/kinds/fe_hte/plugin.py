@@ -9,7 +9,6 @@ trials on a small cluster).
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 
 from distributed_hte.data.split import split_unit
 from distributed_hte.evaluation.metrics import correlation_sums, regression_metrics, regression_sums
-from distributed_hte.kinds.toolkit import ModelBundle, RowFilter, cached
+from distributed_hte.kinds.toolkit import ModelBundle, RowFilter, cached_torch_model
 from distributed_hte.models.config import MLPConfig
 from distributed_hte.models.fe_hte import FixedEffectsHTE
 
@@ -178,13 +177,7 @@ class FeHtePlugin:
 
 
 def _model(plugin: FeHtePlugin, state: bytes) -> FixedEffectsHTE:
-    def build() -> FixedEffectsHTE:
-        torch.set_num_threads(1)
-        model = plugin.build_model()
-        model.load_state_dict(torch.load(io.BytesIO(state), map_location="cpu", weights_only=True))
-        return model.eval()
-
-    return cached("fe_hte", state, build)
+    return cached_torch_model("fe_hte", state, plugin.build_model)
 
 
 def predict_batch(

@@ -28,7 +28,9 @@ def read_fixed_effect_truth(truth_dir: Path, column: str) -> pd.Series | None:
     try:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise truth_error("data.truth_dir", path, f"is not a readable parquet file ({exc})") from exc
+        raise truth_error(
+            "data.truth_dir", path, f"is not a readable parquet file ({exc})"
+        ) from exc
     missing = [c for c in TRUTH_COLUMNS if c not in table.column_names]
     if missing:
         raise truth_error(

@@ -29,6 +29,11 @@ class FeHteModelSpec(StrictModel):
         "sgd: Ray Train; auto: exact when both nets are linear",
     )
 
+    cluster: str | None = Field(
+        None,
+        description="exact solver: also report CRV1 SEs clustered by this fixed-effect column",
+    )
+
     @model_validator(mode="after")
     def _exact_needs_linear(self) -> FeHteModelSpec:
         if self.solver == "exact" and not self.is_linear:
@@ -56,12 +61,13 @@ class FeHteDataSpec(StrictModel):
         None, description="columns hashed for the train/val split (default: all used)"
     )
     beta_true: str | None = Field(
-        "beta_true",
-        description="column of the true effect (read on this project's simulated data, or when set)",
+        None,
+        description="column of the true effect (default: the simulator's beta_true, read only "
+        "on data this project simulated)",
     )
     g_true: str | None = Field(
-        "g_true",
-        description="column of the true g (read on this project's simulated data, or when set)",
+        None,
+        description="column of the true g (default: the simulator's g_true, simulated data only)",
     )
     truth_dir: str | None = Field(
         None,
@@ -97,18 +103,17 @@ class FeHteSpec(JobSpec):
     model: FeHteModelSpec = FeHteModelSpec()
     simulate: FeHteSimulateSpec | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> FeHteSpec:
+    def check_kind(self) -> None:
         d = self.data
-        if d.path is None and self.simulate is None:
-            raise ValueError("data.path is required unless a simulate section generates the data")
-        used = [d.outcome, d.treatment, *d.beta_features, *d.g_features, *d.fixed_effects]
-        dupes = sorted({c for c in used if used.count(c) > 1})
-        if dupes:
+        self.check_data_columns(
+            [d.outcome, d.treatment, *d.beta_features, *d.g_features, *d.fixed_effects],
+            "outcome/treatment/features/fixed_effects",
+        )
+        if self.model.cluster is not None and self.model.cluster not in d.fixed_effects:
             raise ValueError(
-                f"data: column(s) {dupes} are named more than once across outcome/treatment/features/fixed_effects"
+                f"model.cluster {self.model.cluster!r} must be one of data.fixed_effects "
+                f"{d.fixed_effects}"
             )
-        return self
 
     @property
     def uses_exact_solver(self) -> bool:

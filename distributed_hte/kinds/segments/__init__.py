@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -32,7 +32,6 @@ from distributed_hte.kinds.toolkit import (
     load_bundle,
     read_parquet,
     save_bundle,
-    simulate_once,
     sum_rows,
     truth_error,
     truth_location,
@@ -43,7 +42,15 @@ from distributed_hte.rundir import RunDir, write_json
 log = logging.getLogger(__name__)
 
 SOLUTION_FILE = "solution.pt"
-TRUTH_KEYS = ("segments", "creatives", "segment_of_creative", "gamma", "delta", "intercept", "features")
+TRUTH_KEYS = (
+    "segments",
+    "creatives",
+    "segment_of_creative",
+    "gamma",
+    "delta",
+    "intercept",
+    "features",
+)
 
 
 @dataclass
@@ -71,14 +78,10 @@ class SegmentsKind(Kind):
         return spec.model.path_steps
 
     # -- simulate ---------------------------------------------------------------------
-    def simulate(self, spec: SegmentsSpec, progress: bool = True) -> Path:
+    def simulation(self, spec: SegmentsSpec):
         from distributed_hte.simulate import segments as sim
 
-        assert spec.simulate is not None
-        cfg = spec.simulate.config()
-        return simulate_once(
-            self.name, spec, asdict(cfg), lambda out: sim.simulate_segments(cfg, out, progress=progress)
-        )
+        return spec.simulate.config(), sim.simulate_segments
 
     # -- check / prepare ----------------------------------------------------------------
     def requirements(self, spec: SegmentsSpec) -> list[ColumnRequirement]:
@@ -89,10 +92,6 @@ class SegmentsKind(Kind):
             ColumnRequirement(d.label, "data.label", "binary"),
             *[ColumnRequirement(c, "data.features", "numeric") for c in spec.feature_columns()],
         ]
-
-    def check(self, spec: SegmentsSpec) -> None:
-        assert spec.data.path is not None
-        check_schema(spec.data.path, self.requirements(spec))
 
     def prepare(self, spec: SegmentsSpec) -> SegmentsPrepared:
         d = spec.data
@@ -232,7 +231,7 @@ class SegmentsKind(Kind):
         from ray.train import FailureConfig, RunConfig
         from ray.train.torch import TorchConfig, TorchTrainer
 
-        from distributed_hte.estimators.segments import select_on_path, segment_intercepts
+        from distributed_hte.estimators.segments import segment_intercepts, select_on_path
         from distributed_hte.kinds.segments.plugin import SegmentsModel
         from distributed_hte.train.segments_worker import (
             RESULT_FILE,

@@ -58,9 +58,7 @@ class SegmentsModel:
     def from_bundle(cls, bundle: ModelBundle) -> SegmentsModel:
         with np.load(bundle.path("arrays"), allow_pickle=False) as z:
             a = {k: z[k] for k in z.files}
-        enc = SegmentsEncoder(
-            **bundle.config["encoder"], **{k: a[k] for k in _ENCODER_ARRAYS}
-        )
+        enc = SegmentsEncoder(**bundle.config["encoder"], **{k: a[k] for k in _ENCODER_ARRAYS})
         return cls(enc, a["segment_intercept"], a["gamma"], a["creative_intercept"], a["delta"])
 
 

@@ -65,9 +65,7 @@ def segments_json(
                     "delta_norm": float(r["delta_norm"]),
                     "matches_segment": bool(r["matches_segment"]),
                     "n_people": int(r["n_people"]),
-                    "deviating_features": [
-                        f for f in enc.features if r[f"delta:{f}"] != 0
-                    ],
+                    "deviating_features": [f for f in enc.features if r[f"delta:{f}"] != 0],
                 }
                 for _, r in rows.iterrows()
             ],
@@ -112,7 +110,10 @@ def plots(spec, model: SegmentsModel, table: pd.DataFrame, path: pd.DataFrame, r
             sel = path.loc[path["selected"], "lam"]
             if len(sel):
                 ax.axvline(
-                    float(sel.iloc[0]), color="tab:red", ls="--", label=f"selected ({spec.cv.select})"
+                    float(sel.iloc[0]),
+                    color="tab:red",
+                    ls="--",
+                    label=f"selected ({spec.cv.select})",
                 )
                 ax.legend(fontsize=8)
             ax.set_xscale("log")

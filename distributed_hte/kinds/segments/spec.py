@@ -112,20 +112,14 @@ class SegmentsSpec(JobSpec):
     cv: CrossValidationSpec = CrossValidationSpec()
     simulate: SegmentsSimulateSpec | None = None
 
-    @model_validator(mode="after")
-    def _check(self) -> SegmentsSpec:
+    def check_kind(self) -> None:
         d = self.data
-        if d.path is None and self.simulate is None:
-            raise ValueError("data.path is required unless a simulate section generates the data")
         if d.features is None and self.simulate is None:
             raise ValueError("data.features is required: list the covariate columns")
-        used = [d.segment, d.creative, d.label, *self.feature_columns()]
-        dupes = sorted({c for c in used if used.count(c) > 1})
-        if dupes:
-            raise ValueError(
-                f"data: column(s) {dupes} are named more than once across segment/creative/label/features"
-            )
-        return self
+        self.check_data_columns(
+            [d.segment, d.creative, d.label, *self.feature_columns()],
+            "segment/creative/label/features",
+        )
 
     def feature_columns(self) -> list[str]:
         if self.data.features is not None:

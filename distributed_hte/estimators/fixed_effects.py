@@ -35,21 +35,19 @@ Numbers only: numpy and scipy, no ray, no torch, no I/O. Singleton ids are kept 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
-from scipy import stats as sps
 from scipy.sparse.csgraph import connected_components
-from scipy.sparse.linalg import LinearOperator, cg
 
 VcovType = Literal["iid", "hetero", "CRV1"]
 VCOV_TYPES: tuple[str, ...] = ("iid", "hetero", "CRV1")
 # Above this many ids outside the largest family, the Schur complement is solved by CG.
-DENSE_MAX = 2_500
+DENSE_MAX = 1_000
 # Eigenvalues of the count-scaled Schur complement below this (relative) are null space.
 EIG_RTOL = 1e-11
 # CG stops at this relative residual (per right-hand side).
@@ -154,6 +152,23 @@ class BatchStatistics:
         return BatchStatistics(n, x_sum, y_sum, xtx, xty, yty, ids, counts, dx, dy, pairs)
 
 
+def _group(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(distinct codes (k,) sorted, inverse (n,), counts (k,)) of non-negative int codes.
+
+    A bincount when the code range is small next to n (O(n + range)), else a sort.
+    """
+    if len(codes) == 0:
+        return codes.astype(np.int64), codes.astype(np.int64), codes.astype(np.int64)
+    top = int(codes.max()) + 1
+    if top > 4 * len(codes):
+        return np.unique(codes, return_inverse=True, return_counts=True)
+    cnt = np.bincount(codes, minlength=top)
+    present = np.flatnonzero(cnt)
+    lookup = np.empty(top, np.int64)
+    lookup[present] = np.arange(len(present))
+    return present, lookup[codes], cnt[present]
+
+
 def batch_statistics(y: np.ndarray, X: np.ndarray, codes: np.ndarray) -> BatchStatistics:
     """Pass-1 statistics of one batch.
 
@@ -167,7 +182,7 @@ def batch_statistics(y: np.ndarray, X: np.ndarray, codes: np.ndarray) -> BatchSt
     codes = np.asarray(codes, np.int64).reshape(len(y), -1)
     ids, counts, dx, dy, inverse = [], [], [], [], []
     for f in range(codes.shape[1]):
-        u, inv, cnt = np.unique(codes[:, f], return_inverse=True, return_counts=True)
+        u, inv, cnt = _group(codes[:, f])
         ids.append(u)
         counts.append(cnt)
         inverse.append(inv)
@@ -181,7 +196,7 @@ def batch_statistics(y: np.ndarray, X: np.ndarray, codes: np.ndarray) -> BatchSt
     pairs = []
     for f, g in itertools.combinations(range(codes.shape[1]), 2):
         key = inverse[f].astype(np.int64) * len(ids[g]) + inverse[g]
-        uk, cnt = np.unique(key, return_counts=True)
+        uk, _, cnt = _group(key)
         pairs.append((ids[f][uk // len(ids[g])], ids[g][uk % len(ids[g])], cnt))
     return BatchStatistics(
         n=len(y),
@@ -453,32 +468,10 @@ def _solve_projection(
         d = np.where(d > 1e-9 * np.maximum(c_diag, 1.0), d, np.maximum(c_diag, 1.0))
         Bt = B.T.tocsr()
 
-        def matvec(v: np.ndarray) -> np.ndarray:
-            v = v.ravel()
-            return c_diag * v + C_off @ v - Bt @ (BinvA @ v)
+        def matvec(V: np.ndarray) -> np.ndarray:
+            return c_diag[:, None] * V + C_off @ V - Bt @ (BinvA @ V)
 
-        op = LinearOperator((m, m), matvec=matvec, dtype=np.float64)
-        pre = LinearOperator((m, m), matvec=lambda v: v.ravel() / d, dtype=np.float64)
-        counts = []
-        for j in range(r):
-            n_it = [0]
-
-            def cb(_xk: np.ndarray, n_it: list[int] = n_it) -> None:
-                n_it[0] += 1
-
-            b = rhs_s[:, j]
-            if not np.any(b):
-                counts.append(0)
-                continue
-            Q[:, j], info = cg(op, b, rtol=cg_rtol, atol=0.0, maxiter=20 * m, M=pre, callback=cb)
-            counts.append(n_it[0])
-            if info > 0:
-                # a consistent singular system stalls at rounding level; accept if close
-                res = np.linalg.norm(matvec(Q[:, j]) - b) / np.linalg.norm(b)
-                if res > 1e3 * cg_rtol:
-                    raise RuntimeError(
-                        f"CG did not converge for right-hand side {j}: relative residual {res:.2e}"
-                    )
+        Q, counts = block_cg(matvec, rhs_s, 1.0 / d, cg_rtol, maxiter=min(20 * m, 20_000))
         method, null_dim, iters = "cg", -1, tuple(counts)
     P_e = (rhs[e] - B @ Q) * inv_a[:, None]
     out: list[np.ndarray] = [np.empty(0)] * F
@@ -486,6 +479,55 @@ def _solve_projection(
     for i, f in enumerate(others):
         out[f] = Q[off[i] : off[i + 1]]
     return out, method, null_dim, iters
+
+
+def block_cg(
+    matvec: Callable[[np.ndarray], np.ndarray],
+    rhs: np.ndarray,
+    inv_diag: np.ndarray,
+    rtol: float,
+    maxiter: int,
+) -> tuple[np.ndarray, tuple[int, ...]]:
+    """Jacobi-preconditioned CG on r right-hand sides at once (independent per column).
+
+    ``matvec`` maps (m, r) to (m, r) for a symmetric positive semi-definite operator;
+    ``rhs`` (m, r) must be in its range (consistent). One sparse product per iteration
+    serves all columns, and inner products are column sums rather than BLAS calls, which
+    oversubscribed machines make slow. Stops a column at ‖b − Ax‖ ≤ rtol ‖b‖. Returns
+    (x (m, r), iterations per column); raises RuntimeError if a column does not converge.
+    """
+    X = np.zeros_like(rhs)
+    R = rhs.copy()
+    Z = R * inv_diag[:, None]
+    P = Z.copy()
+    rz = (R * Z).sum(0)
+    target = rtol * np.sqrt((rhs * rhs).sum(0))
+    iters = np.zeros(rhs.shape[1], np.int64)
+    for _ in range(maxiter):
+        active = np.sqrt((R * R).sum(0)) > target
+        if not active.any():
+            break
+        AP = matvec(P)
+        pap = (P * AP).sum(0)
+        alpha = np.where(active & (pap > 0), rz / np.where(pap > 0, pap, 1.0), 0.0)
+        X += alpha * P
+        R -= alpha * AP
+        Z = R * inv_diag[:, None]
+        rz_new = (R * Z).sum(0)
+        beta = np.where(active & (rz > 0), rz_new / np.where(rz > 0, rz, 1.0), 0.0)
+        P = Z + beta * P
+        rz = rz_new
+        iters += active
+    # the recurrence can drift from the true residual: check it, allowing rounding slack
+    res = np.sqrt(((rhs - matvec(X)) ** 2).sum(0))
+    bad = np.flatnonzero(res > 1e3 * np.maximum(target, 1e-300))
+    if bad.size:
+        j = int(bad[0])
+        raise RuntimeError(
+            f"CG did not converge for right-hand side {j} in {maxiter} iterations: "
+            f"relative residual {res[j] / (target[j] / rtol):.2e}"
+        )
+    return X, tuple(int(i) for i in iters)
 
 
 def solve(
@@ -645,7 +687,7 @@ def batch_scores(
     if cluster is None:
         ids, sums = np.zeros(0, np.int64), np.zeros((0, xt.shape[1]))
     else:
-        ids, inv = np.unique(np.asarray(codes)[:, cluster], return_inverse=True)
+        ids, inv, _ = _group(np.asarray(codes, np.int64)[:, cluster])
         sums = np.stack([np.bincount(inv, s[:, j], len(ids)) for j in range(s.shape[1])], 1)
     return BatchScores(len(e), float(e @ e), s.T @ s, ids.astype(np.int64), sums)
 
@@ -780,6 +822,8 @@ def inference(
     for the intercept when there is no family. iid: RSS/(N − df_k) · bread; hetero:
     N/(N − df_k) · sandwich; CRV1: (N − 1)/(N − df_k) · G/(G − 1) · sandwich, df_t = G − 1.
     """
+    from scipy import stats as sps  # lazily: Ray Data tasks import this module, not this
+
     F, p, N = len(stats.counts), stats.p, stats.n
     check_vcov(vcov, cluster, F)
     names = tuple(coef_names) if coef_names is not None else tuple(f"x{j}" for j in range(p))

@@ -54,7 +54,23 @@ def open_dataset(path: str) -> pads.Dataset:
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"data path {path} does not exist")
     try:
-        return pads.dataset(inner, filesystem=fs, format="parquet", exclude_invalid_files=False)
+        if info.type != pafs.FileType.Directory:
+            return pads.dataset(inner, filesystem=fs, format="parquet")
+        # What Ray Data reads (file_extensions=["parquet"], hive partitions): files that
+        # sit beside the table (_SUCCESS, README.txt, a colleague's CSV) are not part of it.
+        selector = pafs.FileSelector(inner, recursive=True)
+        files = sorted(
+            f.path
+            for f in fs.get_file_info(selector)
+            if f.type == pafs.FileType.File
+            and f.path.endswith(".parquet")
+            and not any(part.startswith((".", "_")) for part in f.path[len(inner) :].split("/"))
+        )
+        if not files:
+            raise DataError(f"data path {path} holds no .parquet files")
+        return pads.dataset(
+            files, filesystem=fs, format="parquet", partitioning="hive", partition_base_dir=inner
+        )
     except (pa.ArrowInvalid, OSError) as exc:
         raise DataError(f"data path {path} is not readable as parquet: {exc}") from exc
 

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from distributed_hte.simulate.chunks import atomic_folder, chunk_sizes
 from distributed_hte.simulate.fe_hte import BETA_FEATURES, G_FEATURES, true_beta, true_g
+from distributed_hte.simulate.marker import simulation_marker
 
 FIXED_EFFECTS = ["buyer", "seller", "week"]
 TRUE_INTERCEPT = 2.0
@@ -215,19 +216,18 @@ def write_warehouse(cfg: WarehouseConfig, out: str | Path, *, progress: bool = F
             pq.write_table(
                 pa.table({"id": ids, "effect": effect}), tmp / "truth" / f"{col}.parquet"
             )
-        meta = {
-            "kind": "fe_hte",
-            "schema_version": SCHEMA_VERSION,
-            "generator": "warehouse",
-            "config": asdict(cfg),
-            "true_intercept": TRUE_INTERCEPT,
-            "beta_features": BETA_FEATURES,
-            "g_features": G_FEATURES,
-            "fixed_effects": FIXED_EFFECTS,
-            "treatment": "clicks",
-            "outcome": "revenue",
-            "files": files,
-            "seconds": round(time.perf_counter() - started, 3),
-        }
+        meta = simulation_marker(
+            "fe_hte",
+            asdict(cfg),
+            generator="warehouse",
+            true_intercept=TRUE_INTERCEPT,
+            beta_features=BETA_FEATURES,
+            g_features=G_FEATURES,
+            fixed_effects=FIXED_EFFECTS,
+            treatment="clicks",
+            outcome="revenue",
+            files=files,
+            seconds=round(time.perf_counter() - started, 3),
+        )
         (tmp / "simulation.json").write_text(json.dumps(meta, indent=2))
     return Path(out)

@@ -107,4 +107,3 @@ def model_from_solution(
         for emb, effect in zip(model.fixed_effects, fixed_effects, strict=True):
             emb.weight[:, 0] = torch.as_tensor(effect)
     return model
-

@@ -27,7 +27,7 @@ def _spec(data: Path, tmp: Path, workers: int = 2, **train):
             "name": "e2e",
             "kind": "fe_hte",
             "data": {"path": str(data / "data")},
-            "model": {"beta_net": {"hidden": []}, "g_net": {"hidden": []}},
+            "model": {"beta_net": {"hidden": []}, "g_net": {"hidden": []}, "solver": "sgd"},
             "train": {"epochs": 8, "batch_size": 1024, "lr": 0.02, "log_every_s": 60, **train},
             "scaling": {"num_workers": workers},
             "outputs": {"dir": str(tmp)},

@@ -192,13 +192,23 @@ def assess_convergence(
             **common,
         )
     if blown == "diverged":
+        train_loss = float(last["train_loss"])
+        if initial and train_loss > DIVERGED_VS_INITIAL * initial:
+            what = (
+                f"the mean training loss in epoch {last['epoch']} was {train_loss:.4g}, "
+                f"{train_loss / initial:.0f}x the untrained model's {initial:.4g}"
+            )
+        else:
+            what = (
+                f"the {key} rose {DIVERGED_RISING_EPOCHS} epochs in a row to "
+                f"{losses[-1]:.4g}, {losses[-1] / best_loss:.1f}x its best ({best_loss:.4g}, "
+                f"epoch {best_epoch})"
+            )
         return Verdict(
             converged=False,
             reason="diverged",
-            message=f"the loss diverged with train.lr={lr:g}: {key} {losses[-1]:.4g} at "
-            f"epoch {common['epochs_run']} against a best of {best_loss:.4g} (epoch "
-            f"{best_epoch}) and {common['initial_loss'] or float('nan'):.4g} before training; "
-            "training stopped",
+            message=f"the loss diverged with train.lr={lr:g}: {what}; training stopped there "
+            f"and the best weights (epoch {best_epoch}) are kept",
             rel_improvement_per_epoch=None,
             suggestion=lower,
             **common,

@@ -116,7 +116,14 @@ class ReproducibleDataConfig(DataConfig):
         super().__init__(execution_options=options)
         self._reproducible = reproducible
 
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+    def configure(
+        self,
+        datasets: dict[str, Any],
+        world_size: int,
+        worker_handles: Any,
+        worker_node_ids: Any,
+        **kwargs: Any,
+    ) -> list[dict[str, Any]]:
         """Ray Train's hook: reset the execution index, then split as usual."""
         if self._reproducible:
             for ds in datasets.values():

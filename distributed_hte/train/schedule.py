@@ -74,7 +74,9 @@ def scheduled_factor(step: int, total_steps: int, schedule: str, anneal: Anneal 
     return min(base, anneal_factor(step, anneal))
 
 
-def start_anneal(step: int, total_steps: int, steps_per_epoch: int, patience: int, factor: float):
+def start_anneal(
+    step: int, total_steps: int, steps_per_epoch: int, patience: int, factor: float
+) -> Anneal:
     """The compressed decay a plateau at ``step`` starts: ``patience`` epochs or what is left."""
     steps = max(min(patience * steps_per_epoch, total_steps - step), 1)
     return Anneal(start_step=step, steps=steps, start_factor=factor)

@@ -1,7 +1,9 @@
 """``dhte``: run, validate, simulate, predict, and manage cluster jobs.
 
 Every user error (bad spec, bad data, unreachable cluster) prints one paragraph and
-exits with code 2; ``--debug`` shows the traceback.
+exits with code 2; ``--debug`` shows the traceback. A fit that did not converge exits
+with code 3 when the spec sets ``train.require_convergence`` (``ConvergenceError``; the
+run's outputs are written first). Exit codes come from ``UserError.exit_code``.
 """
 
 from __future__ import annotations

@@ -50,7 +50,15 @@ class ScalingSpec(StrictModel):
 
 
 class TrainSpec(StrictModel):
-    """Optimisation settings shared by every neural kind."""
+    """Optimisation settings shared by every neural kind.
+
+    Early stopping respects the LR schedule (``distributed_hte/train/schedule.py``): with
+    ``lr_schedule: cosine``, a plateau of ``early_stopping_patience`` epochs while the LR
+    is still high starts a compressed cosine decay to the schedule's floor over
+    ``early_stopping_patience`` epochs; the run stops only once the LR has decayed and the
+    loss has not improved for ``early_stopping_patience`` epochs. With ``constant`` it is
+    plain patience. The best epoch's weights are kept either way.
+    """
 
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(4096, ge=1)
@@ -63,6 +71,31 @@ class TrainSpec(StrictModel):
     amp: bool = False
     seed: int = 0
     log_every_s: float = Field(10.0, gt=0)
+    shuffle: bool = Field(
+        True,
+        description="fresh seeded row order every epoch: file/block order plus a local buffer",
+    )
+    shuffle_buffer_rows: int = Field(
+        100_000,
+        ge=0,
+        description="rows in each worker's local shuffle buffer (0: file/block order only)",
+    )
+    reproducible: bool = Field(
+        True,
+        description="Ray Data keeps block order, so shards and their order depend only on "
+        "the seed (false: blocks go to whichever worker asks first; faster, not repeatable)",
+    )
+    convergence_tol: float = Field(
+        1e-3,
+        gt=0,
+        description="the loss still falls if it improved by more than this (relative, per "
+        "epoch) over the last epochs",
+    )
+    require_convergence: bool = Field(
+        False,
+        description="a run whose convergence verdict is negative exits with code 3 "
+        "(its outputs are kept)",
+    )
 
 
 class AshaSpec(StrictModel):

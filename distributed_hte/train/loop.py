@@ -2,9 +2,12 @@
 
 A kind plugs in a :class:`TrainPlugin`: build the model, turn a numpy batch into
 tensors, the loss on a batch, and additive evaluation sums. The loop does the rest:
-shard iteration, device placement and DDP through Ray Train, AMP on GPU, LR schedule,
-all-reduced metrics, a checkpoint per epoch (with the best weights so far), resume
-from the last checkpoint, early stopping, and progress lines (epoch, rows/s, ETA).
+seeded shuffled shard iteration (``shuffle.py``, ``ingest.py``), device placement and
+DDP through Ray Train, AMP on GPU, LR schedule, all-reduced metrics, a checkpoint per
+epoch (with the best weights so far), resume from the last checkpoint, early stopping
+that respects the schedule (``schedule.py``), a stop on divergence or a non-finite loss,
+a convergence verdict in the last epoch's metrics (``convergence.py``), and progress
+lines (epoch, rows/s, ETA).
 """
 
 from __future__ import annotations
@@ -20,6 +23,18 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from torch import nn
+
+from distributed_hte.train.convergence import assess_convergence, divergence
+from distributed_hte.train.schedule import (
+    Anneal,
+    early_stopping_action,
+    lr_factor,
+    scheduled_factor,
+    start_anneal,
+)
+from distributed_hte.train.shuffle import cached_batches, concat_batches, epoch_seed
+
+__all__ = ["TrainPlugin", "lr_factor", "make_optimizer", "train_loop_per_worker"]
 
 log = logging.getLogger("distributed_hte.train")
 
@@ -50,26 +65,47 @@ class TrainPlugin(Protocol):
         """Metrics from summed statistics, keys prefixed with ``prefix`` (train_/val_)."""
         ...
 
-    # Optional: ``cache_in_memory = True`` keeps a worker's shard batches in its memory
+    # Optional: ``cache_in_memory = True`` keeps a worker's shard rows in its memory
     # after the first epoch (small data: later epochs skip the Ray Data pipeline start-up).
 
 
-def _epoch_batches(shard, cache: list | None, seed: int, **iter_kwargs):
+class _RowCache:
+    """A worker's shard rows, kept after the first epoch when the plugin asks for it."""
+
+    def __init__(self) -> None:
+        self.batches: list[dict[str, np.ndarray]] = []
+        self.rows: dict[str, np.ndarray] | None = None
+
+
+def _epoch_batches(
+    shard,
+    cache: _RowCache | None,
+    batch_size: int,
+    drop_last: bool,
+    seed: int | None,
+    shuffle_buffer_rows: int,
+    **iter_kwargs,
+):
     """Batches of one epoch: streamed from the shard, or replayed from ``cache``.
 
-    ``cache`` is None when caching is off; an empty list is filled on the first pass,
-    and later epochs replay it in a seeded random order (same count on every rank).
+    ``seed`` None keeps the stored order. Streaming, a seeded local shuffle buffer of
+    ``shuffle_buffer_rows`` mixes rows across blocks; replaying, every row is permuted.
+    The batch count is the same on every rank (equal shards), as DDP needs.
     """
-    if cache:
-        order = np.random.default_rng(seed).permutation(len(cache))
-        yield from (cache[i] for i in order)
+    if cache is not None and cache.rows is not None:
+        yield from cached_batches(cache.rows, batch_size, drop_last, seed)
         return
-    for batch in shard.iter_batches(**iter_kwargs):
+    if seed is not None and shuffle_buffer_rows > 0:
+        iter_kwargs.update(local_shuffle_buffer_size=shuffle_buffer_rows, local_shuffle_seed=seed)
+    for batch in shard.iter_batches(batch_size=batch_size, drop_last=drop_last, **iter_kwargs):
         if cache is not None:
             # Own copies: no pinned object-store buffers are held across epochs.
             batch = {k: np.array(v) for k, v in batch.items()}
-            cache.append(batch)
+            cache.batches.append(batch)
         yield batch
+    if cache is not None:
+        # One array per column: later epochs permute rows, not only batches.
+        cache.rows, cache.batches = concat_batches(cache.batches), []
 
 
 def _all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -110,14 +146,6 @@ def make_optimizer(
     return cls(params, lr=train["lr"], weight_decay=train["weight_decay"])
 
 
-def lr_factor(step: int, total_steps: int, schedule: str) -> float:
-    """Multiplier of the base LR at ``step``: cosine decay to 1% or constant."""
-    if schedule == "constant" or total_steps <= 0:
-        return 1.0
-    progress = min(step / total_steps, 1.0)
-    return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def _configure_worker_logging() -> None:
     # Our progress lines only: Ray's own INFO chatter stays at its default level.
     if not log.handlers:
@@ -126,6 +154,17 @@ def _configure_worker_logging() -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr_scale"] * lr
+
+
+def _mean_over_ranks(value: torch.Tensor, device: torch.device) -> float:
+    """Mean of a scalar over the DDP ranks (the value itself with one worker)."""
+    total = _all_reduce_sums({"v": float(value), "n": 1.0}, device)
+    return total["v"] / total["n"]
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -154,6 +193,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         "bad_epochs": 0,
         "best_epoch": -1,
         "history": [],
+        "initial_loss": None,
+        "anneal": None,  # (start_step, steps, start_factor) once a plateau started one
     }
     best_state: dict[str, torch.Tensor] | None = None
 
@@ -165,7 +206,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             )
             model.load_state_dict(saved["model"])
             optimizer.load_state_dict(saved["optimizer"])
-            state = saved["state"]
+            state = {"initial_loss": None, "anneal": None, **saved["state"]}
             best_state = torch.load(
                 os.path.join(d, BEST_MODEL_FILE), map_location="cpu", weights_only=False
             )
@@ -181,11 +222,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     # A trailing batch of one row breaks BatchNorm; every rank has the same row count
     # (equal split), so dropping the remainder keeps DDP steps in lockstep.
     drop_last = rows_per_worker >= 2 * train["batch_size"]
-    cache_train: list | None = [] if getattr(plugin, "cache_in_memory", False) else None
-    cache_val: list | None = [] if cache_train is not None else None
+    cache_train = _RowCache() if getattr(plugin, "cache_in_memory", False) else None
+    cache_val = _RowCache() if cache_train is not None else None
     last_log = time.perf_counter()
     run_started = time.perf_counter()
     rows_done_run = 0
+    anneal = Anneal(*state["anneal"]) if state["anneal"] else None
 
     for epoch in range(state["epoch"], train["epochs"]):
         model.train()
@@ -193,26 +235,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         rows = 0
         t_first: float | None = None
+        factor = scheduled_factor(state["step"], total_steps, train["lr_schedule"], anneal)
         for batch in _epoch_batches(
             train_shard,
             cache_train,
-            train["seed"] * 100_003 + epoch,
-            batch_size=train["batch_size"],
+            train["batch_size"],
+            drop_last,
+            epoch_seed(train["seed"], epoch, rank) if train["shuffle"] else None,
+            train["shuffle_buffer_rows"],
             batch_format="numpy",
             prefetch_batches=2,
-            drop_last=drop_last,
         ):
             if t_first is None:
                 t_first = time.perf_counter()
             tensors = plugin.to_tensors(batch, device)
-            for group in optimizer.param_groups:
-                group["lr"] = (
-                    group["lr_scale"]
-                    * train["lr"]
-                    * lr_factor(state["step"], total_steps, train["lr_schedule"])
-                )
+            factor = scheduled_factor(state["step"], total_steps, train["lr_schedule"], anneal)
+            _set_lr(optimizer, train["lr"] * factor)
             with torch.autocast(device_type=device.type, enabled=use_amp):
                 loss = plugin.loss(model, tensors)
+            if state["initial_loss"] is None:
+                # The untrained model's loss: the yardstick for divergence (no extra pass).
+                state["initial_loss"] = _mean_over_ranks(loss.detach().double(), device)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)
@@ -247,6 +290,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             # Rate once data flows: what large datasets see, where start-up amortises.
             "steady_rows_per_s_per_worker": rows
             / max(train_seconds - ((t_first or t0) - t0), 1e-9),
+            # The LR of the epoch's last step (base LR x schedule factor).
+            "lr_factor": factor,
+            "lr": train["lr"] * factor,
+            "initial_loss": state["initial_loss"],
         }
         train_totals = _all_reduce_sums({"loss_sum": float(loss_sum), "n": float(rows)}, device)
         metrics["train_loss"] = train_totals["loss_sum"] / max(train_totals["n"], 1)
@@ -258,8 +305,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 for batch in _epoch_batches(
                     val_shard,
                     cache_val,
+                    max(train["batch_size"], 8192),
+                    False,
+                    None,
                     0,
-                    batch_size=max(train["batch_size"], 8192),
                     batch_format="numpy",
                 ):
                     _add(
@@ -276,28 +325,60 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
-        stop = patience is not None and state["bad_epochs"] >= patience
+
+        # Every rank computes the same decisions from all-reduced numbers: no extra sync.
+        blown = divergence([*state["history"], metrics])
+        action = early_stopping_action(
+            state["bad_epochs"], patience, train["lr_schedule"], factor, anneal is not None
+        )
+        if action == "anneal":
+            anneal = start_anneal(
+                state["step"], total_steps, steps_per_epoch, int(patience or 1), factor
+            )
+            state.update(anneal=(anneal.start_step, anneal.steps, anneal.start_factor))
+            state["bad_epochs"] = 0
+            if rank == 0:
+                log.info(
+                    "[train] plateau at epoch %d with the LR at %.0f%%: decaying it to the "
+                    "floor over the next %d epochs before early stopping may end the run",
+                    epoch + 1,
+                    100 * factor,
+                    math.ceil(anneal.steps / steps_per_epoch),
+                )
+        stopped_reason = blown or ("early_stopping" if action == "stop" else None)
+        stop = stopped_reason is not None
         metrics.update(
             best_epoch=state["best_epoch"],
             best_val_loss=state["best_val"],
-            early_stopped=bool(stop),
+            early_stopped=action == "stop",
+            stopped_reason=stopped_reason or "",
             resumed_from_epoch=first_epoch,
         )
         metrics["epoch_seconds"] = time.perf_counter() - t0
+        if stop or epoch + 1 == train["epochs"]:
+            verdict = assess_convergence(
+                [*state["history"], metrics],
+                epochs=train["epochs"],
+                schedule=train["lr_schedule"],
+                lr=train["lr"],
+                tol=train["convergence_tol"],
+            )
+            metrics.update(verdict.as_metrics())
         state["history"].append(dict(metrics))
 
         if rank == 0:
             elapsed = time.perf_counter() - run_started
             epochs_left = train["epochs"] - (epoch + 1)
             log.info(
-                "[train] epoch %d/%d done  train_loss %.5g  %s  %.0f rows/s  ETA %.0fs%s",
+                "[train] epoch %d/%d done  train_loss %.5g  %s  lr %.3g  %.0f rows/s  ETA %.0fs%s",
                 epoch + 1,
                 train["epochs"],
                 metrics["train_loss"],
                 f"val_loss {metrics['val_loss']:.5g}" if "val_loss" in metrics else "",
+                metrics["lr"],
                 metrics["rows_per_s"],
                 elapsed / (epoch + 1 - first_epoch) * epochs_left,
-                "  (early stop)" if stop else "",
+                f"  (stopped: {stopped_reason})" if stop else "",
             )
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None

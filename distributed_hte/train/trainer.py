@@ -183,18 +183,3 @@ def cpus_per_worker(spec: JobSpec) -> float:
     """Logical CPUs one Train worker asks for."""
     return float((spec.scaling.resources_per_worker or {}).get("CPU", 1))
 
-
-def training_summary(result: FitResult, fit_seconds: float, num_workers: int) -> dict[str, Any]:
-    """The ``training`` block every SGD kind writes to ``metrics.json``."""
-    final = result.final_metrics
-    return {
-        "epochs_run": int(final.get("epoch", 0)),
-        "best_epoch": int(final.get("best_epoch", 0)),
-        "early_stopped": bool(final.get("early_stopped", False)),
-        "best_val_loss": final.get("best_val_loss"),
-        "rows_per_s": final.get("rows_per_s"),
-        "rows_per_s_per_worker": final.get("rows_per_s_per_worker"),
-        "fit_seconds": fit_seconds,
-        "num_workers": num_workers,
-        "resumed_from_epoch": int(final.get("resumed_from_epoch", 0)),
-    }

@@ -205,6 +205,11 @@ class FeHteKind(Kind):
             torch.as_tensor(prepared.profile.id_counts[c].copy()) for c in plugin.fixed_effects
         ]
         model.normalize_(counts)
+        if spec.model.finish_fixed_effects:
+            from distributed_hte.kinds.fe_hte.exact import finish_fixed_effects
+
+            log.info("[fit] fixed effects: exact least squares given the trained nets")
+            summary.update(finish_fixed_effects(plugin, model, datasets["train"]))
         write_json(run.file(FIT_FILE), {"training": summary, "history": result.history})
         save_bundle(
             run.path,

@@ -29,6 +29,11 @@ class FeHteModelSpec(StrictModel):
         "sgd: Ray Train; auto: exact when both nets are linear",
     )
 
+    finish_fixed_effects: bool = Field(
+        True,
+        description="sgd: after training, solve the fixed effects and intercept exactly given "
+        "the nets (one more pass over the data)",
+    )
     cluster: str | None = Field(
         None,
         description="exact solver: also report CRV1 SEs clustered by this fixed-effect column",

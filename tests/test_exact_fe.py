@@ -236,6 +236,12 @@ def test_ray_driver_matches_pure_solver(ray_data, arrays, pure):
         ref = fx.inference(sol, st, vcov, sc, cluster)
         np.testing.assert_allclose(ours.se, ref.se, rtol=TOL_RAY_VS_PURE)
     assert res.seconds["pass2"] > 0
+    coefs = DESIGN.split(res.solution.coef)
+    assert coefs["beta"]["(intercept)"] == res.solution.coef[0] and list(coefs["g"]) == [
+        "z0",
+        "z1",
+        "z2",
+    ]
 
 
 def test_nonlinear_finish_recovers_the_linear_fixed_effects(ray_data, arrays, pure):

@@ -99,6 +99,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="*", default=[1_000_000, 10_000_000])
     ap.add_argument("--ours-only", type=int, nargs="*", default=[])
     args = ap.parse_args()
+    # an ours-only run is recorded on its own, so it does not replace the side-by-side one
+    name = "exact_fe" if args.rows else "exact_fe_ours_only"
     out = {"command": "python benchmarks/bench_exact_fe.py " + " ".join(sys.argv[1:]), "cases": []}
     for n in args.rows:
         data = warehouse(n)
@@ -119,14 +121,14 @@ def main() -> None:
         }
         out["cases"].append(case)
         print(json.dumps({k: case[k] for k in case if k not in ("pyfixest", "exact")}), flush=True)
-        save("exact_fe", out)
+        save(name, out)
     for n in args.ours_only:
         data = warehouse(n)
         ours = run_ours(data, n)
         out["cases"].append(
             {"rows": n, "exact": {k: v for k, v in ours.items() if k not in ("cmd", "last_line")}}
         )
-        save("exact_fe", out)
+        save(name, out)
 
 
 if __name__ == "__main__":

@@ -131,6 +131,19 @@ def test_standard_errors_match_pyfixest(pure, feols, vcov):
         assert inf.nested == (0,) and inf.n_clusters == st.n_ids[0]  # buyers seen
 
 
+def test_recovers_the_simulated_truth(pure, warehouse, arrays):
+    """Linear β and g: coefficients within 4 clustered SEs of the truth; FE track the truth."""
+    from distributed_hte.simulate.fe_hte import read_truth
+
+    st, sol, sc = pure
+    truth = np.array([1.0, 0.5, -0.3, 0.4, 0.2, 0.3, 0.8, -0.5, 0.3])  # true_beta / true_g
+    inf = fx.inference(sol, st, "CRV1", sc, 0, DESIGN.names)
+    assert np.all(np.abs(sol.coef - truth) < 4 * inf.se)
+    for f, est in zip(FAMILIES, sol.fixed_effects, strict=True):
+        true = read_truth(warehouse / "truth", f).reindex(arrays[3].vocab[FAMILIES.index(f)])
+        assert np.corrcoef(est, true.to_numpy())[0, 1] > 0.99
+
+
 def test_cg_path_matches_dense_path(pure):
     st, sol, _ = pure
     cg = fx.solve(st, coef_names=DESIGN.names, dense_max=0)
@@ -236,6 +249,12 @@ def test_ray_driver_matches_pure_solver(ray_data, arrays, pure):
         ref = fx.inference(sol, st, vcov, sc, cluster)
         np.testing.assert_allclose(ours.se, ref.se, rtol=TOL_RAY_VS_PURE)
     assert res.seconds["pass2"] > 0
+    coefs = DESIGN.split(res.solution.coef)
+    assert coefs["beta"]["(intercept)"] == res.solution.coef[0] and list(coefs["g"]) == [
+        "z0",
+        "z1",
+        "z2",
+    ]
 
 
 def test_nonlinear_finish_recovers_the_linear_fixed_effects(ray_data, arrays, pure):

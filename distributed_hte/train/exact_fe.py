@@ -79,6 +79,16 @@ class LinearDesign:
     def columns(self) -> list[str]:
         return [self.outcome, self.treatment, *self.beta_features, *self.g_features]
 
+    def split(self, values: np.ndarray) -> dict[str, dict[str, float]]:
+        """(p,) values in ``names`` order -> ``{"beta": {"(intercept)": v, b: v, ..},
+        "g": {g: v, ..}}``, the layout of ``FixedEffectsHTE.linear_coefficients``."""
+        v = [float(x) for x in values]
+        k = 1 + len(self.beta_features)
+        return {
+            "beta": dict(zip(("(intercept)", *self.beta_features), v[:k], strict=True)),
+            "g": dict(zip(self.g_features, v[k:], strict=True)),
+        }
+
     def __call__(self, batch: Batch) -> tuple[np.ndarray, np.ndarray]:
         t = np.asarray(batch[self.treatment], np.float64)
         cols = [t, *(t * np.asarray(batch[b], np.float64) for b in self.beta_features)]

@@ -312,8 +312,8 @@ def test_same_spec_data_and_seed_give_the_same_fit(
     is the hard case (the split hands out blocks dynamically); the cached case covers a
     materialised dataset's block order and the in-memory row cache. Two epochs, so the
     second epoch's fresh order is part of what must repeat."""
-    # No validation set when streaming: it would double the per-epoch pipeline start-ups.
-    spec = _spec(sim_tiny, tmp_path, workers, epochs=2, val_fraction=0.1 if cached else 0.0)
+    # No validation set: it would double the per-epoch pipeline start-ups.
+    spec = _spec(sim_tiny, tmp_path, workers, epochs=2, val_fraction=0.0)
     runs = [_fit(spec, tiny_prepared, tmp_path / f"run{i}", cached, cached) for i in range(2)]
     losses = [[h["train_loss"] for h in r.history] for r in runs]
     assert losses[0] == pytest.approx(losses[1], rel=0, abs=REPRO_ATOL), losses

@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+from distributed_hte.errors import ConvergenceError
 from distributed_hte.evaluation.metrics import flatten_metrics
 from distributed_hte.kinds import get_kind
 from distributed_hte.rundir import RunDir
 from distributed_hte.runtime import RayTarget, embedded_num_cpus, init_ray, resolve_target
 from distributed_hte.spec import JobSpec, validate_spec
+from distributed_hte.train.ingest import configure_ray_data
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ def run_job(spec: JobSpec, run_dir: str | None = None, address: str | None = Non
     if getattr(spec, "simulate", None) is None:
         kind.check(spec)  # metadata checks first: bad data fails before Ray starts
     init_ray(ray_target_for(spec, address), spec.runtime.runtime_env)
+    if getattr(spec.train, "reproducible", False):
+        configure_ray_data(spec.train)  # before any read: reproducible shards and orders
     t0 = time.perf_counter()
     spec = with_simulated_data(spec)
     prepared = kind.prepare(spec)  # bad data fails here, before the run directory exists
@@ -68,6 +72,7 @@ def run_job(spec: JobSpec, run_dir: str | None = None, address: str | None = Non
             metrics = run_sweep(kind, spec, prepared, run)
         else:
             metrics = kind.execute(spec, prepared, run)
+        check_verdict(spec, metrics)  # after the artefacts: a failed verdict loses nothing
         summary = {
             "seconds": round(time.perf_counter() - t0, 2),
             "kind": spec.kind,
@@ -87,6 +92,28 @@ def run_job(spec: JobSpec, run_dir: str | None = None, address: str | None = Non
         raise
     finally:
         run.detach_log()
+
+
+def check_verdict(spec: JobSpec, metrics: dict[str, Any]) -> None:
+    """Warn when the fit did not converge; raise ConvergenceError if the spec requires it."""
+    training = metrics.get("training") or {}
+    if training.get("converged", True):
+        return
+    reason = training.get("convergence_reason")
+    message = training.get("convergence_message") or reason
+    suggestion = training.get("convergence_suggestion")
+    log.warning(
+        "[run] WARNING: the fit did not converge (%s): %s%s",
+        reason,
+        message,
+        f"; try: {suggestion}" if suggestion else "",
+    )
+    if getattr(spec.train, "require_convergence", False):
+        raise ConvergenceError(
+            f"the fit did not converge ({reason}): {message}"
+            + (f". Try: {suggestion}" if suggestion else "")
+            + ". The run's outputs are kept; set train.require_convergence=false to accept it"
+        )
 
 
 def print_summary(spec: JobSpec, metrics: dict[str, Any], path: Path) -> None:

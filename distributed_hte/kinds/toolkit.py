@@ -58,11 +58,22 @@ _NOT_FITTED = ("outputs", "runtime", "tune", "name")
 # ----------------------------------------------------------------------------- data
 
 
-def read_parquet(path: str, columns: list[str] | None = None):
-    """A Ray Dataset over the ``*.parquet`` files under ``path`` (other files ignored)."""
+def read_parquet(path: str, columns: list[str] | None = None, train=None):
+    """A Ray Dataset over the ``*.parquet`` files under ``path`` (other files ignored).
+
+    ``train``: the spec's ``train`` section when the rows feed SGD: files are then read in
+    a fresh seeded order every epoch (``train.shuffle``), not in their stored order.
+    """
     import ray.data
 
-    return ray.data.read_parquet(path, columns=columns, file_extensions=["parquet"])
+    shuffle = None
+    if train is not None:
+        from distributed_hte.train.ingest import file_shuffle
+
+        shuffle = file_shuffle(train)
+    return ray.data.read_parquet(
+        path, columns=columns, file_extensions=["parquet"], shuffle=shuffle
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -182,4 +182,3 @@ def training_summary(result: FitResult, fit_seconds: float, num_workers: int) ->
 def cpus_per_worker(spec: JobSpec) -> float:
     """Logical CPUs one Train worker asks for."""
     return float((spec.scaling.resources_per_worker or {}).get("CPU", 1))
-

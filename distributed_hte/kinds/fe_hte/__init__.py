@@ -178,7 +178,9 @@ class FeHteKind(Kind):
         from distributed_hte.train.trainer import fit, training_summary
 
         plugin = self.make_plugin(spec, prepared)
-        ds = read_parquet(prepared.path, plugin.columns)
+        # SGD reads files in a fresh seeded order every epoch; the exact solver needs none.
+        train = None if spec.uses_exact_solver else spec.train
+        ds = read_parquet(prepared.path, plugin.columns, train=train)
         datasets = split_datasets(ds, self.split_key(spec), spec.train.val_fraction)
         cached = cache_if_small(datasets, prepared.n_rows, len(plugin.columns), spec.data.cache)
         if spec.uses_exact_solver:

@@ -69,20 +69,21 @@ def exact_run(warehouse, tmp_path_factory) -> Path:
     return run_job(spec)
 
 
-def _feols(frame: pd.DataFrame, vcov):
+@pytest.fixture(scope="module")
+def feols(frame):
     import pyfixest as pf
 
     return pf.feols(
         FORMULA,
         data=frame,
-        vcov=vcov,
+        vcov="iid",
         fixef_rm="none",
         demeaner=pf.MapDemeaner(fixef_tol=1e-12, fixef_maxiter=100_000),
     )
 
 
-def test_coefficients_and_fixed_effects_equal_feols(exact_run, frame):
-    ref = _feols(frame, "iid")
+def test_coefficients_and_fixed_effects_equal_feols(exact_run, feols):
+    ref = feols
     coefs = json.loads((exact_run / "coefficients.json").read_text())
     ours = {"clicks": coefs["beta"]["(intercept)"]}
     ours.update({f"clicks:{b}": coefs["beta"][b] for b in BETA})
@@ -104,8 +105,8 @@ def test_coefficients_and_fixed_effects_equal_feols(exact_run, frame):
 @pytest.mark.parametrize(
     "name,vcov", [("iid", "iid"), ("hetero", "hetero"), ("CRV1", {"CRV1": "buyer"})]
 )
-def test_standard_errors_equal_feols(exact_run, frame, name, vcov):
-    ref = _feols(frame, vcov).se()
+def test_standard_errors_equal_feols(exact_run, feols, name, vcov):
+    ref = feols.vcov(vcov).se()
     inf = json.loads((exact_run / "inference.json").read_text())[name]["coefficients"]
     for coef_name, se in ref.items():
         assert inf[coef_name]["se"] == pytest.approx(se, rel=SE_RTOL), (name, coef_name)

@@ -32,7 +32,7 @@ MODEL_KINDS = [k for k in kind_names() if not get_kind(k).is_study]
 
 
 def test_every_kind_is_covered_here():
-    assert set(MODEL_KINDS) == set(SETUPS), "add a tiny setup for the new kind to SETUPS"
+    assert set(MODEL_KINDS) == set(SETUPS) == set(SWEEPS), "add a tiny setup and a sweep"
     assert set(kind_names()) - set(MODEL_KINDS) == {"interference_coverage"}
 
 
@@ -219,9 +219,19 @@ def test_truth_is_read_from_this_projects_simulation(kind_setup):
     assert prepared.truth, "simulated data carries its truth"
 
 
-def test_two_trial_sweep_completes(kind_setup):
-    kind, base, _, user_data, tmp = kind_setup
-    raw = _raw(kind, base, user_data, tmp / "sweeps", tune={"params": SWEEPS[kind]})
+@pytest.mark.parametrize(
+    "kind",
+    [
+        # default tier: tests/test_tune.py and tests/test_segments_e2e.py sweep these kinds
+        pytest.param("fe_hte", marks=pytest.mark.slow),
+        pytest.param("segments", marks=pytest.mark.slow),
+        "interference",
+    ],
+)
+def test_two_trial_sweep_completes(kind, ray_session, tmp_path):
+    base, sim_data = SETUPS[kind](tmp_path)
+    user_data = _user_layout(sim_data, tmp_path)
+    raw = _raw(kind, base, user_data, tmp_path / "sweeps", tune={"params": SWEEPS[kind]})
     raw["scaling"] = {"num_workers": 1}
     run = run_job(validate_spec(raw))
     table = json.loads((run / "tune_summary.json").read_text())

@@ -42,7 +42,7 @@ def test_grid_sweep_writes_trials_best_config_and_best_artefacts(sim_tiny, tmp_p
     for name in [
         "coefficients.json",
         "fixed_effects/user_id.parquet",
-        "model/predictor.pt",
+        "model/bundle.json",
         "tune_summary.json",
     ]:
         assert (run / name).exists(), name

@@ -212,28 +212,22 @@ class FeHteKind(Kind):
 
             log.info("[fit] fixed effects: exact least squares given the trained nets")
             summary.update(finish_fixed_effects(plugin, model, datasets["train"]))
-        write_json(run.file(FIT_FILE), {"training": summary, "history": result.history})
-        save_bundle(
-            run.path,
-            self.name,
-            spec,
-            {"plugin": plugin.to_config()},
-            {
-                "state.pt": lambda p: torch.save(model.state_dict(), p),
-                "vocab.npz": plugin.save_vocab,
-            },
-        )
+        self._save(spec, run, plugin, model, {"training": summary, "history": result.history})
 
     def _fit_exact(self, spec: FeHteSpec, plugin: FeHtePlugin, train, run: RunDir) -> None:
-        import torch
-
         from distributed_hte.kinds.fe_hte.exact import fit_exact
 
         log.info("[fit] linear nets: the exact solver (feols), two passes over the data")
         t0 = time.perf_counter()
         model, summary = fit_exact(plugin, train, spec.model.cluster)
         summary["fit_seconds"] = time.perf_counter() - t0
-        write_json(run.file(FIT_FILE), {"training": summary, "history": []})
+        self._save(spec, run, plugin, model, {"training": summary, "history": []})
+
+    def _save(self, spec: FeHteSpec, run: RunDir, plugin: FeHtePlugin, model, fitted: dict) -> None:
+        """``fit.json`` (training summary, history), then the bundle (its marker last)."""
+        import torch
+
+        write_json(run.file(FIT_FILE), fitted)
         save_bundle(
             run.path,
             self.name,

@@ -29,7 +29,7 @@ import pyarrow.dataset as pads
 from distributed_hte.data.profile import profile_dataset
 from distributed_hte.data.schema import ColumnRequirement, check_schema
 from distributed_hte.errors import DataError, SpecError
-from distributed_hte.kinds import Kind
+from distributed_hte.kinds import Kind, toolkit
 from distributed_hte.kinds.interference.data import (
     Layout,
     flag_sums,
@@ -40,16 +40,7 @@ from distributed_hte.kinds.interference.data import (
     split_side,
 )
 from distributed_hte.kinds.interference.spec import InterferenceSpec
-from distributed_hte.kinds.toolkit import (
-    ModelBundle,
-    RowFilter,
-    load_bundle,
-    read_parquet,
-    read_simulation_marker,
-    save_bundle,
-    write_history,
-    write_predictions,
-)
+from distributed_hte.kinds.toolkit import ModelBundle, RowFilter, read_parquet
 from distributed_hte.rundir import RunDir, write_json
 from distributed_hte.simulate import interference as sim
 
@@ -147,7 +138,7 @@ class InterferenceKind(Kind):
         summary = check_schema(d.path, req)
         self._check_outcome_column(spec, summary.schema)
         names = summary.schema.names
-        simulated = read_simulation_marker(d.path, self.name) is not None
+        simulated = toolkit.read_simulation_marker(d.path, self.name) is not None
         truth_cols = []
         for f in ("tau_true", "mu_true"):
             col = getattr(d, f)
@@ -365,7 +356,7 @@ class InterferenceKind(Kind):
         )
         state = torch.load(result.best_model_path, map_location="cpu", weights_only=True)
         write_json(run.file(FIT_FILE), {"training": summary, "history": result.history})
-        save_bundle(
+        toolkit.save_bundle(
             run.path,
             self.name,
             spec,
@@ -479,7 +470,7 @@ class InterferenceKind(Kind):
                 kk: vv for kk, vv in estimates[k].items() if not isinstance(vv, dict | list)
             }
         write_json(run.file("metrics.json"), metrics)
-        write_history(run, fitted["history"], spec.name)
+        toolkit.write_history(run, fitted["history"], spec.name)
         plot_estimates(spec, estimates, prepared.truth, run)
         return metrics
 
@@ -498,7 +489,7 @@ class InterferenceKind(Kind):
         """
         from distributed_hte.kinds.interference.plugin import InterferencePlugin, predict_group
 
-        bundle = load_bundle(run_dir, self.name)
+        bundle = toolkit.load_bundle(run_dir, self.name)
         plugin = InterferencePlugin.from_config(bundle.config["plugin"])
         layout = layout_from_config(bundle.config["layout"])
         req = [ColumnRequirement(layout.query, "the trained model", "id")]
@@ -524,7 +515,7 @@ class InterferenceKind(Kind):
                 batch_format="numpy",
             )
         )
-        return write_predictions(scored, out_path)
+        return toolkit.write_predictions(scored, out_path)
 
 
 def export_legacy(run_dir: Path) -> ModelBundle:
@@ -541,7 +532,7 @@ def export_legacy(run_dir: Path) -> ModelBundle:
     sys.modules.setdefault("distributed_hte.kinds.interference_data", data)
     old = torch.load(Path(run_dir) / "model" / "predictor.pt", weights_only=False)
     state = torch.load(io.BytesIO(old["state"]), map_location="cpu", weights_only=False)
-    return save_bundle(
+    return toolkit.save_bundle(
         Path(run_dir),
         "interference",
         load_spec(Path(run_dir) / "spec.yaml"),

@@ -296,3 +296,24 @@ def test_runs_saved_before_bundles_convert(kind_setup, tmp_path):
     assert load_bundle(old, kind).config == config
     info = get_kind(kind).predict(old, str(user_data), tmp_path / "pred")
     assert info["rows"] > 0
+
+
+def test_a_named_truth_that_does_not_fit_fails_before_anything_is_written(
+    ray_session, sim_tiny, tmp_path
+):
+    from distributed_hte.errors import DataError
+
+    bad = tmp_path / "their_truth"
+    bad.mkdir()
+    pq.write_table(pa.table({"user": [1], "value": [0.3]}), bad / "user_id.parquet")
+    raw = {
+        "name": "bad-truth",
+        "kind": "fe_hte",
+        "data": {"path": str(sim_tiny / "data"), "truth_dir": str(bad)},
+        "outputs": {"dir": str(tmp_path / "runs")},
+    }
+    with pytest.raises(DataError, match="lacks column") as err:
+        run_job(validate_spec(raw))
+    assert err.value.exit_code == 2
+    assert "data.truth_dir" in str(err.value)
+    assert not (tmp_path / "runs").exists()

@@ -97,8 +97,20 @@ class RowFilter:
         return keep
 
 
-def sum_rows(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """Add up one-row-per-batch sums (``take_all`` of a ``map_batches`` reduction)."""
+def batch_sums(
+    path: str, columns: list[str], fn: Callable[..., Any], **kwargs: Any
+) -> dict[str, float]:
+    """Run ``fn(batch, **kwargs)`` (one row of additive sums per batch) over ``path`` and
+    add the rows up.
+
+    ``take_all`` of one row per batch, not ``Dataset.sum``: an aggregation shuffles, and its
+    tasks cannot be placed inside a Tune trial's placement group.
+    """
+    rows = (
+        read_parquet(path, columns)
+        .map_batches(fn, fn_kwargs=kwargs, batch_format="numpy", batch_size=65_536)
+        .take_all()
+    )
     out: dict[str, float] = {}
     for row in rows:
         for k, v in row.items():

@@ -29,11 +29,11 @@ from distributed_hte.kinds.fe_hte.spec import FeHteSpec
 from distributed_hte.kinds.toolkit import (
     ModelBundle,
     RowFilter,
+    batch_sums,
     load_bundle,
     read_parquet,
     read_simulation_marker,
     save_bundle,
-    sum_rows,
     truth_location,
     write_history,
     write_predictions,
@@ -267,7 +267,10 @@ class FeHteKind(Kind):
         cols += [c for c in (beta_true, g_true) if c]
         if rows is not None and rows.column not in cols:
             cols.append(rows.column)
-        kwargs = dict(
+        return batch_sums(
+            data_path,
+            cols,
+            evaluation_sums_batch,
             plugin=plugin,
             state=state,
             split_key=split_key,
@@ -275,15 +278,6 @@ class FeHteKind(Kind):
             beta_true=beta_true,
             g_true=g_true,
             rows=rows,
-        )
-        # take_all of one row per batch, not Dataset.sum: an aggregation shuffles, and its
-        # tasks cannot be placed inside a Tune trial's placement group.
-        return sum_rows(
-            read_parquet(data_path, cols)
-            .map_batches(
-                evaluation_sums_batch, fn_kwargs=kwargs, batch_format="numpy", batch_size=65_536
-            )
-            .take_all()
         )
 
     # -- report -----------------------------------------------------------------------

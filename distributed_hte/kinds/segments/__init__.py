@@ -29,10 +29,10 @@ from distributed_hte.kinds.segments.spec import SegmentsSpec
 from distributed_hte.kinds.toolkit import (
     ModelBundle,
     RowFilter,
+    batch_sums,
     load_bundle,
     read_parquet,
     save_bundle,
-    sum_rows,
     truth_error,
     truth_location,
     write_predictions,
@@ -312,16 +312,7 @@ class SegmentsKind(Kind):
         cols = [enc.segment, enc.creative, enc.label, *enc.features]
         if rows is not None and rows.column not in cols:
             cols.append(rows.column)
-        s = sum_rows(
-            read_parquet(data_path, cols)
-            .map_batches(
-                evaluation_batch,
-                fn_kwargs={"model": model, "rows": rows},
-                batch_format="numpy",
-                batch_size=65_536,
-            )
-            .take_all()
-        )
+        s = batch_sums(data_path, cols, evaluation_batch, model=model, rows=rows)
         n_known = max(s.get("n_known", 0.0), 1.0)
         return {
             "n": int(s.get("n", 0)),
@@ -434,16 +425,7 @@ class SegmentsKind(Kind):
         truth = prepared.truth
         assert truth is not None
         features = list(dict.fromkeys(model.encoder.features + list(truth["features"])))
-        s = sum_rows(
-            read_parquet(prepared.path, features)
-            .map_batches(
-                assignment_sums_batch,
-                fn_kwargs={"model": model, "truth": truth},
-                batch_format="numpy",
-                batch_size=65_536,
-            )
-            .take_all()
-        )
+        s = batch_sums(prepared.path, features, assignment_sums_batch, model=model, truth=truth)
         return s.get("agree", 0.0) / max(s.get("n", 0.0), 1.0)
 
     def after_sweep(self, spec: SegmentsSpec, run: RunDir, table: pd.DataFrame) -> None:

@@ -630,7 +630,9 @@ def fit_encoders(
             b = int(np.searchsorted(cum, cum[-1] / 2.0, side="left"))
             med[j] = lo[j] + (b + 0.5) * width[j] / MEDIAN_BINS
             if hi[j] - lo[j] < MEDIAN_BINS and float(lo[j]).is_integer():
-                med[j] = np.floor(med[j])  # integer column: the bin holds one value
+                # integer column: a bin narrower than 1 holds one value, the first integer
+                # at or above the bin's lower edge (exact medians)
+                med[j] = np.ceil(lo[j] + b * width[j] / MEDIAN_BINS - 1e-9)
         missing = n - cnt
         mean = (s + missing * med) / n
         var = (ss + missing * med**2) / n - mean**2

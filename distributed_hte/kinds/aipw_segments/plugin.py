@@ -72,7 +72,7 @@ def as_text(col: Any) -> np.ndarray:
         return np.asarray(col.to_numpy(zero_copy_only=False)).astype(str)
     arr = np.asarray(col)
     if arr.dtype == object:
-        return np.array(["" if v is None else str(v) for v in arr])
+        return np.array(["" if v is None or v != v else str(v) for v in arr])
     return arr.astype(str)
 
 

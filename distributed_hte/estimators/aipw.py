@@ -25,7 +25,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy import stats
+
+# scipy is imported inside the functions that use it: a kind package imports this module,
+# and its spec must import (for `dhte validate`) where torch is unavailable, which scipy's
+# array-API layer probes for.
 
 
 def aipw_scores(
@@ -105,6 +108,8 @@ def mean_se(n: np.ndarray, s: np.ndarray, ss: np.ndarray) -> tuple[np.ndarray, n
 
 def joint_critical_value(n_segments: int, level: float) -> float:
     """Quantile ``level`` of max |Z_g| over ``n_segments`` independent N(0, 1)."""
+    from scipy import stats
+
     if n_segments < 1:
         return float("nan")
     return float(stats.norm.ppf((1.0 + level ** (1.0 / n_segments)) / 2.0))
@@ -125,6 +130,8 @@ def holm(p: np.ndarray) -> np.ndarray:
 
 def benjamini_hochberg(p: np.ndarray) -> np.ndarray:
     """Benjamini–Hochberg adjusted p-values (scipy's ``false_discovery_control``)."""
+    from scipy import stats
+
     p = np.asarray(p, dtype=np.float64)
     return stats.false_discovery_control(p, method="bh") if len(p) else p
 
@@ -134,6 +141,8 @@ def equal_effects_wald(theta: np.ndarray, se: np.ndarray) -> dict[str, float]:
 
     ``W = Σ (θ_g − θ̄)² / se_g²`` with θ̄ the precision-weighted mean; χ²(G − 1).
     """
+    from scipy import stats
+
     g = len(theta)
     if g < 2:
         return {"statistic": float("nan"), "df": 0, "p_value": float("nan")}
@@ -153,6 +162,8 @@ def segment_estimates(
     level: float,
 ) -> dict[str, np.ndarray]:
     """Per-segment columns of the notebook (+ p-values) from the segments' sums ``(G,)``."""
+    from scipy import stats
+
     n = np.asarray(n, dtype=np.float64)
     n_c = n - n_t
     treated_rate = sum_y_t / np.maximum(n_t, 1.0)

@@ -290,7 +290,8 @@ def _key_array(col: Any) -> np.ndarray:
     if isinstance(col, pa.ChunkedArray | pa.Array):
         col = col.to_numpy(zero_copy_only=False)
     arr = np.asarray(col)
-    return arr.astype(str) if arr.dtype == object else arr
+    # text keys hash as Python objects (pandas' hash_array takes no unicode buffers)
+    return arr.astype(object) if arr.dtype.kind in "OU" else arr
 
 
 # ----------------------------------------------------------------------------- pass 1: scan

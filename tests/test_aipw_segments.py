@@ -117,7 +117,10 @@ def test_fold_preprocessing_equals_the_notebook_sklearn_pipeline():
     batch = {c: df[c].to_numpy() for c in df}
     lo = np.array([np.nanmin(df.a), df.b.min()])
     hi = np.array([np.nanmax(df.a), df.b.max()])
-    halves = [{k: v[: n // 2] for k, v in batch.items()}, {k: v[n // 2 :] for k, v in batch.items()}]
+    halves = [
+        {k: v[: n // 2] for k, v in batch.items()},
+        {k: v[n // 2 :] for k, v in batch.items()},
+    ]
     from distributed_hte.kinds.aipw_segments.plugin import merge_pickled
 
     # two blocks' pickled summaries, merged as the kind merges a pass's rows
@@ -146,7 +149,9 @@ def test_joint_critical_value_is_the_multiplier_bootstrap_quantile():
     rng = np.random.default_rng(3)
     for g in (1, 4, 12):
         draws = np.abs(rng.standard_normal((200_000, g))).max(axis=1)
-        assert est.joint_critical_value(g, 0.95) == pytest.approx(np.quantile(draws, 0.95), abs=0.02)
+        assert est.joint_critical_value(g, 0.95) == pytest.approx(
+            np.quantile(draws, 0.95), abs=0.02
+        )
     assert est.joint_critical_value(1, 0.95) == pytest.approx(1.959964, abs=1e-6)
 
 
@@ -219,7 +224,9 @@ def _user_layout(sim: Path, root: Path) -> Path:
         part = part.drop(columns="date")
         half = len(part) // 2
         for i, chunk in enumerate([part.iloc[:half], part.iloc[half:]]):
-            pq.write_table(pa.Table.from_pandas(chunk, preserve_index=False), folder / f"part-{i}.parquet")
+            pq.write_table(
+                pa.Table.from_pandas(chunk, preserve_index=False), folder / f"part-{i}.parquet"
+            )
     (data / "_SUCCESS").write_text("")
     (data / "README.txt").write_text("exported by the warehouse")
     (data / "notes.csv").write_text("a,b\n1,2\n")
@@ -271,9 +278,16 @@ def fitted(ray_session, tmp_path_factory):
 
 
 def test_run_writes_the_issue_outputs(fitted):
-    run, _, _ = fitted
+    run, data, _ = fitted
     effects = json.loads((run / "effects.json").read_text())
-    assert set(effects["global"]) >= {"estimate", "se", "ci_lower", "ci_upper", "rows", "treated_rows"}
+    assert set(effects["global"]) >= {
+        "estimate",
+        "se",
+        "ci_lower",
+        "ci_upper",
+        "rows",
+        "treated_rows",
+    }
     assert effects["global"]["rows"] == 40_000
     table = pd.read_csv(run / "segment_effects.csv")
     assert list(table.columns[:12]) == [
@@ -293,6 +307,14 @@ def test_run_writes_the_issue_outputs(fitted):
         assert (run / "plots" / name).exists()
     scores = pq.read_table(run / "scores.parquet").to_pandas()
     assert len(scores) == 40_000 and scores.impression_id.str.startswith("imp-").all()
+    # predict scores other data with the same models: the same per-row scores here
+    from distributed_hte.kinds import get_kind
+
+    info = get_kind("aipw_segments").predict(run, str(data), run.parent / "predicted")
+    again = pq.read_table(run.parent / "predicted").to_pandas()
+    assert info["rows"] == 40_000
+    merged = scores.merge(again, on="impression_id", suffixes=("", "_p"))
+    np.testing.assert_allclose(merged.score, merged.score_p, rtol=0, atol=1e-12)
 
 
 def test_estimates_recover_the_truth(fitted):
@@ -316,15 +338,25 @@ def test_equals_doubleml_irm_and_gate_with_our_predictions(fitted):
 
     run, data, _ = fitted
     scores = pq.read_table(run / "scores.parquet").to_pandas()
-    df = open_dataset(str(data)).to_table(columns=["impression_id", "is_top_3", "clicked", "category", "hour"]).to_pandas()
+    df = (
+        open_dataset(str(data))
+        .to_table(columns=["impression_id", "is_top_3", "clicked", "category", "hour"])
+        .to_pandas()
+    )
     df = df.merge(scores, on="impression_id")
     obj = dml.DoubleMLData(df, y_col="clicked", d_cols="is_top_3", x_cols=["hour"])
-    irm = dml.DoubleMLIRM(obj, LogisticRegression(), LogisticRegression(), n_folds=3, draw_sample_splitting=False)
+    irm = dml.DoubleMLIRM(
+        obj, LogisticRegression(), LogisticRegression(), n_folds=3, draw_sample_splitting=False
+    )
     folds = df["fold"].to_numpy()
     idx = np.arange(len(df))
     irm.set_sample_splitting([[(idx[folds != k], idx[folds == k]) for k in range(3)]])
     col = lambda c: df[c].to_numpy()[:, None]  # noqa: E731
-    irm.fit(external_predictions={"is_top_3": {"ml_g0": col("mu0_hat"), "ml_g1": col("mu1_hat"), "ml_m": col("e_hat")}})
+    irm.fit(
+        external_predictions={
+            "is_top_3": {"ml_g0": col("mu0_hat"), "ml_g1": col("mu1_hat"), "ml_m": col("e_hat")}
+        }
+    )
     effects = json.loads((run / "effects.json").read_text())["global"]
     n = len(df)
     assert irm.coef[0] == pytest.approx(effects["estimate"], abs=DOUBLEML_TOL)
@@ -338,7 +370,9 @@ def test_equals_doubleml_irm_and_gate_with_our_predictions(fitted):
         assert ci.loc[f"Group_{name}", "effect"] == pytest.approx(row.dr_lift, abs=DOUBLEML_TOL)
     se = gate.blp_model[0].bse.rename(lambda s: s.replace("Group_", ""))
     for name, row in cat.iterrows():
-        assert se[name] == pytest.approx(row.standard_error * np.sqrt((row.rows - 1) / row.rows), rel=1e-6)
+        assert se[name] == pytest.approx(
+            row.standard_error * np.sqrt((row.rows - 1) / row.rows), rel=1e-6
+        )
     # joint band: DoubleML's bootstrap critical value vs our closed form (Monte Carlo error)
     np.random.seed(0)
     joint = gate.confint(level=0.95, joint=True, n_rep_boot=20_000)
@@ -459,7 +493,15 @@ def test_one_and_two_workers_give_identical_scores(fitted, tmp_path):
     from distributed_hte.spec import validate_spec
 
     run, _, raw = fitted
-    one = run_job(validate_spec({**raw, "scaling": {"num_workers": 1}, "outputs": {"dir": str(tmp_path), "scores": True}}))
+    one = run_job(
+        validate_spec(
+            {
+                **raw,
+                "scaling": {"num_workers": 1},
+                "outputs": {"dir": str(tmp_path), "scores": True},
+            }
+        )
+    )
     a = pq.read_table(run / "scores.parquet").to_pandas().sort_values("impression_id")
     b = pq.read_table(one / "scores.parquet").to_pandas().sort_values("impression_id")
     np.testing.assert_array_equal(a.fold.to_numpy(), b.fold.to_numpy())

@@ -17,7 +17,7 @@ import json
 import logging
 import pickle
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -67,6 +67,20 @@ class AipwPrepared:
     truth: dict | None  # truth.json (population truth)
     fold_rows: list[list[int]]  # [fold][arm] rows
     prepare_seconds: float
+    fold_stats: dict[str, Any]  # per-fold sums of the preprocessing pass
+    lo: np.ndarray  # per numeric feature: minimum and maximum (median histograms)
+    hi: np.ndarray
+
+    def design_for(self, spec: AipwSegmentsSpec) -> Design:
+        """The design with the nuisance section of ``spec`` (a Tune trial may change it)."""
+        n = spec.nuisance
+        return replace(
+            self.design,
+            outcome_model=n.outcome_model,
+            encoders=fit_encoders(
+                self.fold_stats, self.lo, self.hi, n.min_frequency, self.design.n_folds
+            ),
+        )
 
 
 class AipwSegmentsKind(Kind):
@@ -375,7 +389,7 @@ class AipwSegmentsKind(Kind):
         from distributed_hte.train.segments_worker import exact_split_config
         from distributed_hte.train.trainer import scaling_config
 
-        design = prepared.design
+        design = prepared.design_for(spec)
         workers = spec.scaling.num_workers
         row_bytes = 8 * (len(design.numeric) + 3) + 16 * len(design.categorical)
         t0 = time.perf_counter()
@@ -417,23 +431,22 @@ class AipwSegmentsKind(Kind):
                 info["iterations"],
                 info["max_scaled_gradient"],
             )
-        if True:
-            save_bundle(
-                run.path,
-                self.name,
-                spec,
-                {
-                    "design": design_config(design),
-                    "clip": spec.estimate.clip,
-                    "level": spec.estimate.level,
-                    "fit": {k: v for k, v in info.items() if k not in ("objective", "n")},
-                    "models": {
-                        k: {"objective": info["objective"][k], "rows": info["n"][k]}
-                        for k in info["objective"]
-                    },
+        save_bundle(
+            run.path,
+            self.name,
+            spec,
+            {
+                "design": design_config(design),
+                "clip": spec.estimate.clip,
+                "level": spec.estimate.level,
+                "fit": {k: v for k, v in info.items() if k not in ("objective", "n")},
+                "models": {
+                    k: {"objective": info["objective"][k], "rows": info["n"][k]}
+                    for k in info["objective"]
                 },
-                {"coefficients.npz": lambda p: _save_npz(p, {**arrays, **design_arrays(design)})},
-            )
+            },
+            {"coefficients.npz": lambda p: _save_npz(p, {**arrays, **design_arrays(design)})},
+        )
 
     # -- evaluate ---------------------------------------------------------------------
     def sums(

@@ -46,7 +46,7 @@ def fit_models(design, blk, C: float = 1.0, tol: float = 1e-9, max_iter: int = 5
     return betas
 
 
-def replicate(r: int, n: int, seed: int, population: dict) -> dict:
+def replicate(r: int, n: int, seed: int, population: dict, limits: dict) -> dict:
     from distributed_hte.estimators import aipw as est
     from distributed_hte.estimators.crossfit import hash_unit, stratified_cuts, unit_histogram
     from distributed_hte.kinds.aipw_segments import fit_encoders
@@ -70,11 +70,11 @@ def replicate(r: int, n: int, seed: int, population: dict) -> dict:
     q = est.quantile_cuts(values, counts, 4)
     cats = tuple(sorted(sim.CATEGORIES))
     segments = [
-        SegmentRule("category", "values", cats, levels=cats, min_rows=1, min_treated=1, min_control=1),
+        SegmentRule("category", "values", cats, levels=cats, **limits),
         SegmentRule("history_len", "bins", sim.HISTORY_LABELS, edges=sim.HISTORY_BINS,
-                    min_rows=1, min_treated=1, min_control=1),
+                    **limits),
         SegmentRule("item_exposures", "quantiles", tuple(f"Q{j + 1}" for j in range(len(q) + 1)),
-                    edges=tuple(q), min_rows=1, min_treated=1, min_control=1),
+                    edges=tuple(q), **limits),
     ]  # fmt: skip
     numeric = ["history_len", "candidate_set_size", "log_item_exposures", "hour"]
     design = Design(
@@ -127,7 +127,17 @@ def summarise(reps: list[dict], population: dict) -> dict:
         cov = (d.lo <= d[truth]) & (d[truth] <= d.hi)
         jcov = (d.jlo <= d[truth]) & (d[truth] <= d.jhi)
         d = d.assign(cov=cov, jcov=jcov)
+        by_segment = d.groupby(["segment_col", "segment"]).agg(
+            coverage=("cov", "mean"), mean_se=("se", "mean"), sd_estimate=("dr_lift", "std"),
+            replications=("cov", "size"),
+        )  # fmt: skip
         out[truth] = {
+            "by_segment": {
+                f"{a}={b}": row._asdict()
+                for (a, b), row in zip(
+                    by_segment.index, by_segment.itertuples(index=False), strict=True
+                )
+            },  # fmt: skip
             "pointwise_by_segmentation": d.groupby("segment_col")["cov"].mean().to_dict(),
             "pointwise_all": float(cov.mean()),
             "joint_all_segments_by_segmentation": d.groupby(["segment_col", "replication"])["jcov"]
@@ -164,6 +174,10 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=20_000)
     ap.add_argument("--seed", type=int, default=123)
     ap.add_argument("--truth-rows", type=int, default=4_000_000)
+    ap.add_argument("--min-rows", type=int, default=1, help="the kind's size filters")
+    ap.add_argument("--min-treated", type=int, default=1)
+    ap.add_argument("--min-control", type=int, default=1)
+    ap.add_argument("--out", default="aipw_coverage.json")
     args = ap.parse_args()
     t0 = time.perf_counter()
     population = sim.population_truth(
@@ -172,18 +186,25 @@ def main() -> None:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     task = ray.remote(num_cpus=1)(replicate)
     pop_ref = ray.put(population)
+    limits = {
+        "min_rows": args.min_rows,
+        "min_treated": args.min_treated,
+        "min_control": args.min_control,
+    }
     reps = ray.get(
-        [task.remote(r, args.rows, args.seed, pop_ref) for r in range(args.replications)]
+        [task.remote(r, args.rows, args.seed, pop_ref, limits) for r in range(args.replications)]
     )
     result = {
         "command": f"python benchmarks/bench_aipw_coverage.py --replications {args.replications} "
-        f"--rows {args.rows} --seed {args.seed} --truth-rows {args.truth_rows}",
+        f"--rows {args.rows} --seed {args.seed} --truth-rows {args.truth_rows} "
+        f"--min-rows {args.min_rows} --min-treated {args.min_treated} "
+        f"--min-control {args.min_control} --out {args.out}",
         "rows": args.rows,
         "seconds": round(time.perf_counter() - t0, 1),
         **summarise(reps, population),
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "aipw_coverage.json").write_text(json.dumps(result, indent=1, default=float))
+    (RESULTS / args.out).write_text(json.dumps(result, indent=1, default=float))
     print(json.dumps(result, indent=1, default=float))
 
 

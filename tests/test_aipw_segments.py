@@ -381,6 +381,7 @@ def test_equals_doubleml_irm_and_gate_with_our_predictions(fitted):
     np.testing.assert_allclose(theirs[cat.index].to_numpy() / ours_width, 1, atol=0.02)
 
 
+@pytest.mark.slow  # six sklearn pipeline fits on 40k rows: about 30 s on a loaded machine
 def test_close_to_doubleml_with_its_own_logistic_nuisances_on_our_folds(fitted):
     """DoubleML fits sklearn pipelines (the notebook's preprocessing) on our folds; its
     g0/g1 are fitted per arm, as our ``by_arm`` outcome models."""

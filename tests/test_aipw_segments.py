@@ -490,6 +490,8 @@ def test_bad_data_exits_2_and_writes_nothing(ray_session, tmp_path, case, match,
 
 @pytest.mark.slow
 def test_one_and_two_workers_give_identical_scores(fitted, tmp_path):
+    """One worker streaming its shard from Ray Data on every Newton pass (cache_gb 0)
+    against two workers holding theirs in memory: the same scores."""
     from distributed_hte.runner import run_job
     from distributed_hte.spec import validate_spec
 
@@ -498,6 +500,7 @@ def test_one_and_two_workers_give_identical_scores(fitted, tmp_path):
         validate_spec(
             {
                 **raw,
+                "nuisance": {**raw["nuisance"], "cache_gb": 0},
                 "scaling": {"num_workers": 1},
                 "outputs": {"dir": str(tmp_path), "scores": True},
             }

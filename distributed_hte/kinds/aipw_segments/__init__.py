@@ -244,7 +244,8 @@ class AipwSegmentsKind(Kind):
             "binary" if link == "logit" else "continuous",
             len(segments),
         )
-        return AipwPrepared(d.path, n, n_t, design, tau, truth, fold_rows, time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        return AipwPrepared(d.path, n, n_t, design, tau, truth, fold_rows, seconds, stats, lo, hi)
 
     def _check_values(self, spec: AipwSegmentsSpec, scan: list[dict], n: int) -> None:
         d = spec.data

@@ -548,7 +548,8 @@ class AipwSegmentsKind(Kind):
         rep.plots(table, overlap, run)
         fit = bundle.config["fit"]
         metrics: dict[str, Any] = {
-            "val_loss": float(metrics_table["log_loss"].mean()),
+            # out-of-fold nuisance loss (log loss; squared error for a continuous outcome)
+            "val_loss": float(fit["val_loss"]),
             "global": out["global"],
             "naive": naive,
             "nuisance": {

@@ -225,9 +225,12 @@ class Design:
             fold=self.folds(batch, t),
         )
 
-    def model_rows(self, role: str, blk: RawBlock, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """``(x, target)`` of model ``role`` of fold k on a block's training rows (fold ≠ k)."""
-        m = blk.fold != k
+    def model_rows(
+        self, role: str, blk: RawBlock, k: int, held_out: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(x, target)`` of model ``role`` of fold k on a block's training rows (fold ≠ k),
+        or with ``held_out`` on the rows it never saw (fold = k)."""
+        m = blk.fold == k if held_out else blk.fold != k
         if role == "outcome_treated":
             m &= blk.t == 1
         elif role == "outcome_control":
@@ -483,10 +486,30 @@ def nuisance_worker(config: dict[str, Any]) -> None:
             last_log = time.perf_counter()
         if all(done.values()):
             break
+    # Out-of-fold loss of every model on its held-out fold (the outcome models at the
+    # observed arm): the cross-validated nuisance loss a Tune sweep ranks trials by.
+    held = {(name, k): np.zeros(2) for name in ("propensity", "outcome") for k in range(K)}
+    for blk in source():
+        for r, k in keys:
+            x, target = design.model_rows(r, blk, k, held_out=True)
+            if len(target):
+                link = design.link_of(r)
+                p = est.predict_glm(x, beta[(r, k)], link)
+                name = "propensity" if r == "propensity" else "outcome"
+                held[(name, k)] += [_loss(target, p, link), len(target)]
+    hv = torch.from_numpy(np.concatenate([held[h] for h in sorted(held)]))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(hv)
+    hv = hv.numpy().reshape(-1, 2)
+    info["val_loss"] = float(np.mean(hv[:, 0] / np.maximum(hv[:, 1], 1.0)))
     info["converged"] = bool(all(done.values()))
     info["seconds"] = time.perf_counter() - t0
     info["cached_in_worker_memory"] = cached
-    metrics = {"iterations": info["iterations"], "converged": info["converged"]}
+    metrics = {
+        "val_loss": info["val_loss"],
+        "iterations": info["iterations"],
+        "converged": info["converged"],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if rank == 0:
@@ -495,6 +518,14 @@ def nuisance_worker(config: dict[str, Any]) -> None:
             np.savez(os.path.join(tmp, RESULT_FILE), **arrays)
             ckpt = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=ckpt)
+
+
+def _loss(y: np.ndarray, p: np.ndarray, link: str) -> float:
+    """Summed log loss (logit) or squared error (identity) of predictions ``p``."""
+    if link == "logit":
+        q = np.clip(p, 1e-15, 1 - 1e-15)
+        return -float(np.sum(y * np.log(q) + (1 - y) * np.log(1 - q)))
+    return float(np.sum((p - y) ** 2))
 
 
 # ----------------------------------------------------------------------------- pass 4: scores

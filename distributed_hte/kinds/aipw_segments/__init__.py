@@ -392,7 +392,9 @@ class AipwSegmentsKind(Kind):
 
         design = prepared.design_for(spec)
         workers = spec.scaling.num_workers
-        row_bytes = 8 * (len(design.numeric) + 3) + 16 * len(design.categorical)
+        # a cached row: float64 features, t, y, fold, and each category as unicode text
+        # (4 bytes a character; 32 characters assumed)
+        row_bytes = 8 * (len(design.numeric) + 3) + 128 * len(design.categorical)
         t0 = time.perf_counter()
         trainer = TorchTrainer(
             nuisance_worker,

@@ -125,11 +125,35 @@ def _interference(tmp: Path) -> tuple[dict, Path]:
     return spec, out / "data"
 
 
-SETUPS = {"fe_hte": _fe_hte, "segments": _segments, "interference": _interference}
+def _aipw_segments(tmp: Path) -> tuple[dict, Path]:
+    from distributed_hte.simulate.aipw_segments import AipwSimConfig, simulate_aipw_segments
+
+    out = tmp / "sim"
+    cfg = AipwSimConfig(n_rows=8_000, seed=4, chunk_rows=4_000, truth_rows=5_000)
+    simulate_aipw_segments(cfg, out, progress=False)
+    spec = {
+        "kind": "aipw_segments",
+        "data": {
+            "numeric_features": ["history_len", "log_item_exposures"],
+            "categorical_features": ["category"],
+        },
+        "segments": [{"column": "category"}, {"column": "item_exposures", "quantiles": 3}],
+        "estimate": {"min_rows": 100, "min_treated": 10, "min_control": 50},
+    }
+    return spec, out / "data"
+
+
+SETUPS = {
+    "fe_hte": _fe_hte,
+    "segments": _segments,
+    "interference": _interference,
+    "aipw_segments": _aipw_segments,
+}
 SWEEPS = {
     "fe_hte": {"train.lr": {"grid": [0.01, 0.02]}},
     "segments": {"model.lam": {"grid": [0.01, 0.02]}},
     "interference": {"train.lr": {"grid": [0.01, 0.03]}},
+    "aipw_segments": {"nuisance.C": {"grid": [0.1, 1.0]}},
 }
 
 
@@ -225,6 +249,7 @@ def test_truth_is_read_from_this_projects_simulation(kind_setup):
         # default tier: tests/test_tune.py and tests/test_segments_e2e.py sweep these kinds
         pytest.param("fe_hte", marks=pytest.mark.slow),
         pytest.param("segments", marks=pytest.mark.slow),
+        pytest.param("aipw_segments", marks=pytest.mark.slow),
         "interference",
     ],
 )
@@ -247,8 +272,9 @@ def test_runs_saved_before_bundles_convert(kind_setup, tmp_path):
     from distributed_hte.kinds.toolkit import load_bundle
 
     kind, base, _, user_data, tmp = kind_setup
-    if kind == "segments":
+    if kind in ("segments", "aipw_segments"):
         # The old segments pickle lacks each creative's δ_k: the CLI says to re-run.
+        # aipw_segments was born with bundles: there is no old format to convert.
         return
     src = tmp / "runs" / "resumable"
     if not (src / "COMPLETE").exists():

@@ -38,6 +38,7 @@ _REGISTRY: dict[str, str] = {
     "segments": "distributed_hte.kinds.segments",
     "interference": "distributed_hte.kinds.interference",
     "interference_coverage": "distributed_hte.kinds.interference_coverage",
+    "aipw_segments": "distributed_hte.kinds.aipw_segments",
 }
 
 

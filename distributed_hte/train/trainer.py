@@ -29,6 +29,10 @@ __all__ = ["FitResult", "Verdict", "check_convergence", "fit", "training_summary
 log = logging.getLogger("distributed_hte.train")
 
 TRAIN_SUBDIR = "train"
+# A warm start: ``<run_dir>/init/state.pt``, a state_dict for the kind's freshly built
+# model (written by the life cycle from a champion, see ``Kind.warm_start_state``). The
+# loop loads it when there is no checkpoint to resume from; a resume ignores it.
+INIT_STATE = ("init", "state.pt")
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ def fit(
     from distributed_hte.train.ingest import ReproducibleDataConfig, shuffle_datasets
 
     storage = Path(run_dir).resolve()
+    init = storage.joinpath(*INIT_STATE)
     datasets = shuffle_datasets(datasets, spec.train)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -97,6 +102,7 @@ def fit(
             "train": spec.train.model_dump(),
             "train_rows": train_rows // spec.scaling.num_workers,
             "datasets": sorted(datasets),
+            "init_state": init.read_bytes() if init.exists() else None,
         },
         scaling_config=scaling_config(spec),
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
@@ -106,7 +112,9 @@ def fit(
             name=TRAIN_SUBDIR,
             storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=0),
+            # A dead worker (preempted node, OOM kill) restarts the group from the last
+            # epoch's checkpoint; the history in it keeps every epoch exactly once.
+            failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
             callbacks=callbacks or None,
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}
             if not spec.scaling.use_gpu

@@ -184,9 +184,7 @@ class RegistrySpec(StrictModel):
         description="MLflow tracking/registry URI (http://host:5000, postgresql://...); "
         "null: an embedded SQLite registry at <outputs.dir>/mlflow.db",
     )
-    model: str = Field(
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="registered model name"
-    )
+    model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="registered model name")
 
 
 class HoldoutSpec(StrictModel):

@@ -61,6 +61,11 @@ class FeHtePrepared:
 class FeHteKind(Kind):
     name = "fe_hte"
     spec_class = FeHteSpec
+    warm_start = (
+        "SGD: the beta and g networks start from the previous model's weights and keep its "
+        "input standardisation; fixed effects of known ids keep their values, new ids start "
+        "at zero. The exact solver (linear nets) solves exactly: a warm start changes nothing"
+    )
     artefacts = ["coefficients.json", "history.parquet", "fixed_effects", "model", "plots"]
 
     # -- simulate ---------------------------------------------------------------------
@@ -238,6 +243,26 @@ class FeHteKind(Kind):
                 "vocab.npz": plugin.save_vocab,
             },
         )
+
+    # -- warm start -------------------------------------------------------------------
+    def warm_start_state(self, spec: FeHteSpec, prepared: FeHtePrepared, source: ModelBundle):
+        from distributed_hte.kinds.fe_hte.plugin import FeHtePlugin
+        from distributed_hte.kinds.fe_hte.warm import map_state
+
+        if spec.uses_exact_solver:
+            log.info("[warm start] the exact solver solves exactly: nothing to start from")
+            return None
+        state, summary = map_state(
+            self.make_plugin(spec, prepared), FeHtePlugin.from_bundle(source), source.state_dict()
+        )
+        log.info(
+            "[warm start] from %s: %s",
+            source.run_dir,
+            ", ".join(
+                f"{c} {v['known_ids']} known / {v['new_ids']} new" for c, v in summary.items()
+            ),
+        )
+        return state
 
     # -- evaluate ---------------------------------------------------------------------
     def evaluate(

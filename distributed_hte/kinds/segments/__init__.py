@@ -64,6 +64,10 @@ class SegmentsPrepared:
 
 class SegmentsKind(Kind):
     name = "segments"
+    cannot_warm_start = (
+        "every fit solves the whole (λ, α) path from λ_max down with cross-validation; "
+        "a previous solution is an optimum for one λ of another dataset, not a start for the path"
+    )
     spec_class = SegmentsSpec
     artefacts: ClassVar[list[str]] = [
         "segments.json",

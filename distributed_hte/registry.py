@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,11 @@ HISTORY_TAG = "dhte.champion_history"
 _PARAM_CHARS = 6000
 _PARAMS_PER_BATCH = 100
 _METRICS_PER_BATCH = 1000
+
+
+def _key(name: str) -> str:
+    """A metric or param name MLflow accepts (alphanumerics, _ - . space : /; 250 chars)."""
+    return re.sub(r"[^A-Za-z0-9_\-. :/]", "_", name)[:250]
 
 
 class RegistryError(UserError):
@@ -305,16 +311,16 @@ class Registry:
         run = self.client.create_run(self._experiment(name), run_name=run_name, tags=tags)
         rid = run.info.run_id
         try:
-            plist = [Param(k[:250], str(v)[:_PARAM_CHARS]) for k, v in sorted(params.items())]
+            plist = [Param(_key(k), str(v)[:_PARAM_CHARS]) for k, v in sorted(params.items())]
             for i in range(0, len(plist), _PARAMS_PER_BATCH):
                 self.client.log_batch(rid, params=plist[i : i + _PARAMS_PER_BATCH])
             ts = 0
-            mlist = [Metric(k[:250], float(v), ts, 0) for k, v in sorted(metrics.items())]
+            mlist = [Metric(_key(k), float(v), ts, 0) for k, v in sorted(metrics.items())]
             for h in history:
                 step = int(h.get("epoch", 0))
                 for k, v in h.items():
                     if isinstance(v, int | float) and not isinstance(v, bool) and k != "epoch":
-                        mlist.append(Metric(f"epoch/{k}"[:250], float(v), ts, step))
+                        mlist.append(Metric(_key(f"epoch/{k}"), float(v), ts, step))
             mlist = [m for m in mlist if m.value == m.value]  # NaN is not storable everywhere
             for i in range(0, len(mlist), _METRICS_PER_BATCH):
                 self.client.log_batch(rid, metrics=mlist[i : i + _METRICS_PER_BATCH])

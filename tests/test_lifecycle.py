@@ -27,6 +27,7 @@ import pytest
 import yaml
 
 from distributed_hte.errors import DataError, UserError
+from distributed_hte.kinds import get_kind
 from distributed_hte.registry import Registry, resolve_uri
 from distributed_hte.runner import run_job
 from distributed_hte.spec import load_spec
@@ -161,28 +162,43 @@ def _three_days(days: Path, out: Path, uri: str | None, capsys, tmp_path: Path) 
     assert len(registry.versions("ads")) == 3
 
     # The CLI: list, show, rollback to day 1, predict with what the alias names.
-    listed = dhte("models", "list", "ads", *reg_args)
-    assert listed.returncode == 0, listed.stderr[-2000:]
-    assert len([ln for ln in listed.stdout.splitlines()[1:] if ln.strip()]) == 3
-    back = dhte("models", "rollback", "ads", *reg_args)
-    assert back.returncode == 0, back.stderr[-2000:]
-    assert "from version 2 to 1" in back.stdout
-    shown = dhte("models", "show", "ads@champion", *reg_args)
-    assert json.loads(shown.stdout)["version"] == 1
+    assert cli(capsys, "models", "list", "ads", *reg_args) == 0
+    listed = capsys.readouterr().out
+    assert len([ln for ln in listed.splitlines()[1:] if ln.strip()]) == 3
+    assert cli(capsys, "models", "rollback", "ads", *reg_args) == 0
+    assert "from version 2 to 1" in capsys.readouterr().out
+    assert cli(capsys, "models", "show", "ads@champion", *reg_args) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == 1
     out_pred = tmp_path / "pred"
     pred = dhte("predict", "--model", "ads@champion", "--data", str(days / "golden"),
                 "--out", str(out_pred), *reg_args)  # fmt: skip
     assert pred.returncode == 0, pred.stderr[-3000:]
     assert "ads version 1" in pred.stderr
-    by_alias = pd.read_parquet(out_pred)
     direct = tmp_path / "pred_direct"
-    res = dhte("predict", "--run", str(d1), "--data", str(days / "golden"), "--out", str(direct))
-    assert res.returncode == 0, res.stderr[-3000:]
-    np.testing.assert_allclose(by_alias["y_hat"], pd.read_parquet(direct)["y_hat"])
+    get_kind("fe_hte").predict(d1, str(days / "golden"), direct)
+    np.testing.assert_allclose(
+        pd.read_parquet(out_pred)["y_hat"], pd.read_parquet(direct)["y_hat"], rtol=1e-6
+    )
+    day2 = pd.read_parquet(out_pred)["y_hat"].to_numpy()
+    assert not np.allclose(day2, _predict_with(d2, days, tmp_path)), "day 1 and 2 differ"
 
     # Promote by hand, back to day 2.
-    promo = dhte("models", "promote", "ads", "2", *reg_args)
-    assert promo.returncode == 0 and registry.champion("ads").version == 2
+    assert cli(capsys, "models", "promote", "ads", "2", *reg_args) == 0
+    assert registry.champion("ads").version == 2
+
+
+def _predict_with(run: Path, days: Path, tmp_path: Path) -> np.ndarray:
+    out = tmp_path / f"pred_{run.name}"
+    get_kind("fe_hte").predict(run, str(days / "golden"), out)
+    return pd.read_parquet(out)["y_hat"].to_numpy()
+
+
+def cli(capsys, *args: str) -> int:
+    """``dhte`` in this process (commands that start no Ray of their own)."""
+    from distributed_hte.cli import main
+
+    capsys.readouterr()
+    return main(list(args))
 
 
 def CHALLENGER_OF(registry: Registry) -> int:  # noqa: N802 - reads like the alias it returns
@@ -316,11 +332,16 @@ def test_retrain_needs_a_registry_and_a_holdout():
         validate_spec({**base, "retrain": {"holdout": {"path": "/g"}}})
     with pytest.raises(SpecError, match="exactly one of path"):
         validate_spec(
-            {**base, "registry": {"model": "m"}, "retrain": {"holdout": {"path": "/g", "column": "p"}}}
+            {
+                **base,
+                "registry": {"model": "m"},
+                "retrain": {"holdout": {"path": "/g", "column": "p"}},
+            }
         )
     ok = validate_spec(
         {**base, "registry": {"model": "m"},
          "retrain": {"holdout": {"column": "period", "from": 202610}}}
     )  # fmt: skip
-    assert ok.retrain.holdout.from_ == 202610 and ok.to_dict()["retrain"]["holdout"]["from"] == 202610
-
+    assert (
+        ok.retrain.holdout.from_ == 202610 and ok.to_dict()["retrain"]["holdout"]["from"] == 202610
+    )

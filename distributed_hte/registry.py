@@ -115,6 +115,23 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+def _check_reachable(uri: str) -> None:
+    """Fail in seconds when nothing answers at the tracking server's host and port."""
+    import socket
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=5):
+            pass
+    except OSError as exc:
+        raise ClusterError(
+            f"the MLflow registry at {uri} is unreachable ({exc.strerror or exc}); check "
+            "registry.uri (or --registry) and that the tracking server runs"
+        ) from exc
+
+
 @dataclass(frozen=True)
 class Version:
     """One registered model version as this project reads it."""
@@ -161,15 +178,7 @@ class Registry:
             # Fail in seconds, not after minutes of retries with backoff.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-            from distributed_hte.runtime import check_reachable
-
-            try:
-                check_reachable(uri)
-            except ClusterError as exc:
-                raise ClusterError(
-                    f"the MLflow registry at {uri} is unreachable: {exc}. Check registry.uri "
-                    "and that the tracking server runs"
-                ) from exc
+            _check_reachable(uri)
         from mlflow import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)

@@ -6,12 +6,13 @@ Order (the runner calls these):
 
 1. :func:`open_registry` before Ray starts: a registry that cannot be reached is exit 2
    before anything else happens.
-2. :func:`before_training` after the kind's own data checks, before the run directory
-   exists: the holdout must select rows; with a champion, the new data must have the
-   champion's schema (DataError otherwise), its shift against the champion's data is
-   measured (PSI, standardised mean difference, new id levels), the champion is scored on
-   the holdout, and the warm-start source is resolved. Any failure: exit 2, nothing
-   written, nothing registered.
+2. :func:`before_data` after the kind's metadata checks, before Ray starts (pyarrow
+   only): the holdout must select rows; with a champion, the new data must have the
+   champion's schema (DataError otherwise) and its shift against the champion's data is
+   measured (PSI, standardised mean difference, new id levels); the warm-start source is
+   resolved. :func:`before_training` then scores the champion on the holdout (Ray Data),
+   before the run directory exists. Any failure: exit 2, nothing written, nothing
+   registered.
 3. :func:`write_warm_start` once the run directory exists: ``init/state.pt``.
 4. :func:`after_fit` once the kind has written its metrics: the run's data profile, an
    MLflow run (spec as params, per-epoch metrics, files as artefacts) and a registered
@@ -153,8 +154,10 @@ def _read_profile(registry: Registry, v: Version, run: Path) -> dict[str, Any]:
     return json.loads(f.read_text())
 
 
-def before_training(spec, kind, registry: Registry, prepared: Any) -> Retrain:
-    """Holdout, schema/shift checks against the champion, champion score, warm-start source."""
+def before_data(spec, kind, registry: Registry) -> Retrain:
+    """Checks that need no Ray, so bad input fails in seconds: the holdout selects rows,
+    the data has the champion's schema, its shift is measured, the warm-start source is a
+    complete run of this kind (and the kind can warm start)."""
     from distributed_hte.kinds.toolkit import load_bundle
 
     name = spec.registry.model
@@ -169,7 +172,7 @@ def before_training(spec, kind, registry: Registry, prepared: Any) -> Retrain:
         lc.champion_run = registry.local_run(lc.champion)
     if spec.retrain is None:
         return lc
-    path, rows, lc.holdout = _holdout(spec)
+    _, _, lc.holdout = _holdout(spec)
     if lc.champion is not None:
         profile = _read_profile(registry, lc.champion, lc.champion_run)
         lc.checks = drift.compare_with(profile["profile"], profile["schema"], spec.data.path)
@@ -181,10 +184,6 @@ def before_training(spec, kind, registry: Registry, prepared: Any) -> Retrain:
                 f"the data shifted against the champion's: PSI of {worst[0]!r} is "
                 f"{worst[1]['psi']:.3f} > retrain.max_psi {limit}; nothing was trained"
             )
-        bundle = load_bundle(lc.champion_run, spec.kind)
-        log.info("[retrain] scoring the champion (version %d) on the holdout", lc.champion.version)
-        lc.champion_scores = kind.evaluate(bundle, path, rows)
-        gate_value(lc.champion_scores, spec.retrain.gate.metric)  # a wrong name fails now
     init = spec.retrain.init_from
     if init == CHAMPION_ALIAS:
         if lc.champion_run is None:
@@ -195,8 +194,21 @@ def before_training(spec, kind, registry: Registry, prepared: Any) -> Retrain:
         lc.warm_from = Path(init).expanduser().resolve()
         load_bundle(lc.warm_from, spec.kind)  # a complete run of this kind, or exit 2
     if lc.warm_from is not None and kind.warm_start is None:
-        kind.warm_start_state(spec, prepared, None)  # raises: this kind cannot
+        kind.warm_start_state(spec, None, None)  # raises: this kind cannot, and says why
     return lc
+
+
+def before_training(lc: Retrain, spec, kind) -> None:
+    """The champion's holdout score (Ray Data), before any training; a gate metric the
+    kind does not report fails here rather than after the fit."""
+    from distributed_hte.kinds.toolkit import load_bundle
+
+    if spec.retrain is None or lc.champion is None:
+        return
+    path, rows, _ = _holdout(spec)
+    log.info("[retrain] scoring the champion (version %d) on the holdout", lc.champion.version)
+    lc.champion_scores = kind.evaluate(load_bundle(lc.champion_run, spec.kind), path, rows)
+    gate_value(lc.champion_scores, spec.retrain.gate.metric)
 
 
 def write_warm_start(lc: Retrain, kind, spec, prepared: Any, run: RunDir) -> None:

@@ -71,18 +71,21 @@ def run_job(
     if run_dir:
         RunDir.check_reusable(run_dir)  # before any work: a complete run is never redone
     registry = lifecycle.open_registry(spec)  # unreachable: exit 2 before Ray starts
+    retrain = None
     if getattr(spec, "simulate", None) is None:
         kind.check(spec)  # metadata checks first: bad data fails before Ray starts
+        if registry is not None:  # holdout, schema and shift against the champion
+            retrain = lifecycle.before_data(spec, kind, registry)
     init_ray(ray_target_for(spec, address), spec.runtime.runtime_env)
     if getattr(spec.train, "reproducible", False):
         configure_ray_data(spec.train)  # before any read: reproducible shards and orders
     t0 = time.perf_counter()
     spec = with_simulated_data(spec)
     prepared = kind.prepare(spec)  # bad data fails here, before the run directory exists
-    # Holdout, schema and shift against the champion, champion score: before any training.
-    retrain = None
     if registry is not None:
-        retrain = lifecycle.before_training(spec, kind, registry, prepared)
+        if retrain is None:  # simulated data: checked now that it exists
+            retrain = lifecycle.before_data(spec, kind, registry)
+        lifecycle.before_training(retrain, spec, kind)  # the champion's holdout score
     run = RunDir.open(spec.to_dict(), spec.outputs.dir, spec.name, run_dir)
     run.attach_log()
     log.info("[run] %s (%s) → %s", spec.name, spec.kind, run.path)

@@ -121,3 +121,36 @@ def test_exact_fit_reports_a_verdict_and_recovers_the_truth(exact_run):
     for fam in FAMILIES:
         assert m["fixed_effects"][fam]["corr_with_truth"] > 0.9, (fam, m["fixed_effects"][fam])
     assert m["truth"]["beta_corr"] > 0.9
+
+
+def test_sgd_starts_from_the_exact_linear_fit(warehouse, feols, tmp_path):
+    """model.init auto: SGD starts at the exact linear solution, so one epoch at a step size
+    too small to move anything ends where feols is (to float32), not at the random start."""
+    spec = validate_spec(
+        {
+            "name": "warm",
+            "kind": "fe_hte",
+            "data": {
+                "path": str(warehouse / "data"),
+                "beta_features": BETA,
+                "g_features": G,
+                "fixed_effects": FAMILIES,
+            },
+            "model": {"solver": "sgd", "finish_fixed_effects": False},
+            "train": {"val_fraction": 0.0, "epochs": 1, "lr": 1e-9, "log_every_s": 120},
+            "scaling": {"num_workers": 1},
+            "outputs": {"dir": str(tmp_path)},
+        }
+    )
+    assert spec.starts_from_linear_fit and not spec.uses_exact_solver
+    run = run_job(spec)
+    coefs = json.loads((run / "coefficients.json").read_text())
+    ref = feols.coef()
+    assert coefs["beta"]["(intercept)"] == pytest.approx(ref["clicks"], abs=1e-4)
+    for b in BETA:
+        assert coefs["beta"][b] == pytest.approx(ref[f"clicks:{b}"], abs=1e-4), b
+    for g in G:
+        assert coefs["g"][g] == pytest.approx(ref[g], abs=1e-4), g
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["training"]["init"] == "exact linear fit"
+    assert m["training"]["init_rss"] == pytest.approx(float(np.sum(feols.resid() ** 2)), rel=1e-6)

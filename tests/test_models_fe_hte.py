@@ -152,3 +152,36 @@ def test_linear_model_recovers_ols_on_tiny_problem():
         coefs["g"]["z1"],
     ]
     np.testing.assert_allclose(got, ols[:6], atol=1e-6)
+
+
+def test_a_nonlinear_net_with_a_skip_path_holds_a_linear_fit_exactly():
+    """The SGD path's warm start: the linear fit in the skip path, the head at zero, so the
+    hidden layers add nothing until training moves them."""
+    from distributed_hte.kinds.fe_hte.exact import _hold_linear
+
+    torch.manual_seed(0)
+    m = FixedEffectsHTE(
+        3,
+        0,
+        [5],
+        MLPConfig((8, 4), skip=True),
+        beta_mean=[1.0, -2.0, 0.5],
+        beta_scale=[2.0, 0.5, 3.0],
+    )
+    w = np.array([0.5, -1.0, 2.0])
+    with torch.no_grad():
+        _hold_linear(m.beta_net, w)
+        m.beta_net.head.bias.fill_(0.25)
+    x = torch.randn(32, 3)
+    z = (x - torch.tensor([1.0, -2.0, 0.5])) / torch.tensor([2.0, 0.5, 3.0])
+    expected = z @ torch.as_tensor(w, dtype=torch.float32) + 0.25
+    torch.testing.assert_close(m.beta(x), expected)
+    # and training moves the hidden layers: the head gets a gradient at once
+    m.beta(x).sum().backward()
+    assert m.beta_net.head.weight.grad.abs().sum() > 0
+    assert m.beta_net.skip.weight.grad is not None
+
+
+def test_skip_path_is_only_built_for_nonlinear_nets():
+    lin = FixedEffectsHTE(2, 0, [3], MLPConfig((), skip=True))
+    assert lin.beta_net.skip is None and lin.beta_net.is_linear

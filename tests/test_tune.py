@@ -16,7 +16,13 @@ def test_grid_sweep_writes_trials_best_config_and_best_artefacts(sim_tiny, tmp_p
             "name": "sweep",
             "kind": "fe_hte",
             "data": {"path": str(sim_tiny / "data")},
-            "model": {"beta_net": {"hidden": []}, "g_net": {"hidden": []}, "solver": "sgd"},
+            # a random start: from the exact linear fit (the default) lr would not matter
+            "model": {
+                "beta_net": {"hidden": []},
+                "g_net": {"hidden": []},
+                "solver": "sgd",
+                "init": "random",
+            },
             "train": {"epochs": 2, "batch_size": 1024, "lr": 0.02},
             "scaling": {"num_workers": 1},
             "tune": {

@@ -15,12 +15,17 @@ ACTIVATION_NAMES: tuple[str, ...] = ("relu", "gelu", "tanh", "silu")
 
 @dataclass(frozen=True, slots=True)
 class MLPConfig:
-    """Architecture of one sub-network. ``hidden=()`` means linear."""
+    """Architecture of one sub-network. ``hidden=()`` means linear.
+
+    ``skip``: a linear path from the inputs to the output beside the hidden layers (wide
+    and deep); it lets a warm start hold a linear fit while the hidden layers learn the rest.
+    """
 
     hidden: tuple[int, ...] = ()
     dropout: float = 0.0
     batchnorm: bool = False
     activation: str = "relu"
+    skip: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -28,6 +33,7 @@ class MLPConfig:
             "dropout": self.dropout,
             "batchnorm": self.batchnorm,
             "activation": self.activation,
+            "skip": self.skip,
         }
 
     @classmethod
@@ -37,4 +43,5 @@ class MLPConfig:
             float(raw.get("dropout", 0.0)),
             bool(raw.get("batchnorm", False)),
             str(raw.get("activation", "relu")),
+            bool(raw.get("skip", False)),
         )

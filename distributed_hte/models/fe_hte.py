@@ -35,7 +35,8 @@ _LINEAR = MLPConfig()
 
 
 class MLP(nn.Module):
-    """Standardise → [Linear → BatchNorm → act → Dropout]* → Linear(·, 1).
+    """Standardise → [Linear → BatchNorm → act → Dropout]* → Linear(·, 1), plus a linear
+    skip path from the standardised inputs when ``config.skip`` (nonlinear nets only).
 
     Input ``(batch, n_features)``, output ``(batch,)``.
     """
@@ -72,10 +73,14 @@ class MLP(nn.Module):
         self.body = nn.Sequential(*layers)
         self.head = nn.Linear(width, 1, bias=output_bias)
         self.is_linear = not config.hidden
+        self.skip = nn.Linear(n_features, 1, bias=False) if config.skip and config.hidden else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = (x - self.mean) / self.scale
-        return self.head(self.body(z)).squeeze(-1)
+        out = self.head(self.body(z))
+        if self.skip is not None:
+            out = out + self.skip(z)
+        return out.squeeze(-1)
 
     def raw_linear_coefficients(self) -> tuple[float, torch.Tensor]:
         """(intercept, weights (n_features,)) on the raw feature scale; linear nets only."""

@@ -284,7 +284,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                     train["epochs"],
                     100.0 * rows / rows_per_worker,
                     rate,
-                    float(loss),
+                    float(loss.detach()),
                     eta_epoch,
                 )
         train_seconds = time.perf_counter() - t0

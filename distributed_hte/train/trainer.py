@@ -56,6 +56,11 @@ class FitResult:
         return self.verdict.reason
 
 
+def warm_started(run_dir: Path) -> bool:
+    """Whether the fit in ``run_dir`` starts from a warm-start state (``init/state.pt``)."""
+    return Path(run_dir).joinpath(*INIT_STATE).exists()
+
+
 def scaling_config(spec: JobSpec):
     """Ray ``ScalingConfig`` from the spec's ``scaling`` section."""
     from ray.train import ScalingConfig

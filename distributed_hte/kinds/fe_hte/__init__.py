@@ -16,7 +16,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -160,8 +160,9 @@ class FeHteKind(Kind):
             beta_scale=[scale(c) for c in d.beta_features],
             g_mean=[m[c].mean for c in d.g_features],
             g_scale=[scale(c) for c in d.g_features],
-            beta_net=spec.model.beta_net.config(),
-            g_net=spec.model.g_net.config(),
+            # A warm start from the linear fit needs a linear path beside hidden layers.
+            beta_net=replace(spec.model.beta_net.config(), skip=spec.starts_from_linear_fit),
+            g_net=replace(spec.model.g_net.config(), skip=spec.starts_from_linear_fit),
             fixed_effect_lr_multiplier=spec.model.fixed_effect_lr_multiplier,
         )
 
@@ -180,7 +181,7 @@ class FeHteKind(Kind):
         import torch
 
         from distributed_hte.data.split import cache_if_small, split_datasets
-        from distributed_hte.train.trainer import fit, training_summary
+        from distributed_hte.train.trainer import fit, training_summary, warm_started
 
         plugin = self.make_plugin(spec, prepared)
         # SGD reads files in a fresh seeded order every epoch; the exact solver needs none.
@@ -191,6 +192,15 @@ class FeHteKind(Kind):
         if spec.uses_exact_solver:
             self._fit_exact(spec, plugin, datasets["train"], run)
             return
+        start: dict[str, Any] = {"init": "random"}
+        if warm_started(run.path):
+            # retrain.init_from: the loop starts from the previous model's weights.
+            start = {"init": "warm start (retrain.init_from)"}
+        elif spec.starts_from_linear_fit:
+            from distributed_hte.kinds.fe_hte.exact import linear_start
+
+            log.info("[fit] starting point: the exact linear fit (one pass over the data)")
+            plugin.initial_state, start = linear_start(plugin, datasets["train"])
         train_rows = int(prepared.n_rows * (1 - spec.train.val_fraction))
         log.info(
             "[fit] %d workers%s, %d epochs, batch %d",
@@ -203,6 +213,8 @@ class FeHteKind(Kind):
         result = fit(spec, plugin, datasets, train_rows, run.path, callbacks=callbacks)
         summary = training_summary(result, time.perf_counter() - t0, spec.scaling.num_workers)
         summary["cached_in_object_store"] = cached
+        summary.update(start)
+        plugin.initial_state = None  # the trained weights are what the bundle holds
 
         model = plugin.build_model()
         model.load_state_dict(

@@ -97,16 +97,59 @@ def model_from_solution(
         if model.beta_net is None:
             model.beta_const.fill_(float(b0))
         else:
-            model.beta_net.head.weight.copy_(torch.as_tensor(b * bs).view(1, -1))
+            _hold_linear(model.beta_net, b * bs)
             model.beta_net.head.bias.fill_(float(b0 + b @ bm))
         const = float(intercept)
         if model.g_net is not None:
-            model.g_net.head.weight.copy_(torch.as_tensor(c * gs).view(1, -1))
+            _hold_linear(model.g_net, c * gs)
             const -= float(c @ gm)
         model.intercept.fill_(const)
         for emb, effect in zip(model.fixed_effects, fixed_effects, strict=True):
             emb.weight[:, 0] = torch.as_tensor(effect)
     return model
+
+
+def _hold_linear(net, weights: np.ndarray) -> None:
+    """Put standardised-scale linear ``weights`` ``(n_features,)`` into ``net``: its head
+    when linear, else its skip path with the head's weights at zero (the hidden layers then
+    add nothing until training moves them)."""
+    w = torch.as_tensor(weights, dtype=torch.float32).view(1, -1)
+    if net.is_linear:
+        net.head.weight.copy_(w)
+        return
+    if net.skip is None:
+        raise ValueError("a nonlinear net holds a linear fit only with a skip path (skip=True)")
+    net.skip.weight.copy_(w)
+    net.head.weight.zero_()
+
+
+def linear_start(plugin: FeHtePlugin, dataset) -> tuple[bytes, dict]:
+    """The SGD path's starting point: the exact linear fit (one pass, no SEs) as a
+    ``state_dict`` of ``plugin``'s model (``torch.save`` bytes), and a JSON-ready summary."""
+    import io
+    import time
+
+    from distributed_hte.train.exact_fe import LinearDesign, SortedIdEncoder, fit_linear_fe
+
+    t0 = time.perf_counter()
+    design = LinearDesign(
+        plugin.outcome, plugin.treatment, tuple(plugin.beta_features), tuple(plugin.g_features)
+    )
+    vocab = tuple(np.asarray(plugin.vocab[c]) for c in plugin.fixed_effects)
+    encoder = SortedIdEncoder(tuple(plugin.fixed_effects), vocab)
+    result = fit_linear_fe(
+        dataset, design, encoder, encoder.n_ids, families=plugin.fixed_effects, vcov=None
+    )
+    sol = result.solution
+    model = model_from_solution(plugin, sol.coef, sol.intercept, sol.fixed_effects)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    return buf.getvalue(), {
+        "init": "exact linear fit",
+        "init_seconds": time.perf_counter() - t0,
+        "init_rss": float(sol.rss),
+        "init_rows": int(result.statistics.n),
+    }
 
 
 class NetsOffset:

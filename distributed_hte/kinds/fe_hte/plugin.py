@@ -9,6 +9,7 @@ trials on a small cluster).
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,9 @@ class FeHtePlugin:
     beta_net: MLPConfig
     g_net: MLPConfig
     fixed_effect_lr_multiplier: float = 10.0
+    # Weights training starts from (a ``state_dict`` saved by ``torch.save``); not part of
+    # the bundle: the trained weights are.
+    initial_state: bytes | None = None
 
     # -- bundle ------------------------------------------------------------------------
     def to_config(self) -> dict[str, Any]:
@@ -104,7 +108,8 @@ class FeHtePlugin:
         ]
 
     def build_model(self) -> FixedEffectsHTE:
-        return FixedEffectsHTE(
+        """The model, holding :attr:`initial_state` when one is set."""
+        model = FixedEffectsHTE(
             len(self.beta_features),
             len(self.g_features),
             [len(self.vocab[c]) for c in self.fixed_effects],
@@ -115,6 +120,12 @@ class FeHtePlugin:
             g_mean=self.g_mean,
             g_scale=self.g_scale,
         )
+        if self.initial_state is not None:
+            state = torch.load(
+                io.BytesIO(self.initial_state), map_location="cpu", weights_only=True
+            )
+            model.load_state_dict(state)
+        return model
 
     def encode_ids(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """Map raw ids to embedding rows: ``(n, n_fe)`` int64 and an ``(n,)`` unseen mask."""

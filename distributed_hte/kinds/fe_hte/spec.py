@@ -29,6 +29,14 @@ class FeHteModelSpec(StrictModel):
         "sgd: Ray Train; auto: exact when both nets are linear",
     )
 
+    init: Literal["auto", "linear", "random"] = Field(
+        "auto",
+        description="sgd: where training starts. linear: the exact linear fit (one more pass "
+        "over the data): the fixed effects, and the nets' linear part (a nonlinear net gets a "
+        "linear skip path beside its hidden layers to hold it, so the hidden layers learn only "
+        "what is not linear); random: nets at their random start, fixed effects at zero; "
+        "auto: linear",
+    )
     finish_fixed_effects: bool = Field(
         True,
         description="sgd: after training, solve the fixed effects and intercept exactly given "
@@ -125,6 +133,11 @@ class FeHteSpec(JobSpec):
         """``model.solver`` resolved: exact for linear nets unless sgd is forced."""
         m = self.model
         return m.solver == "exact" or (m.solver == "auto" and m.is_linear)
+
+    @property
+    def starts_from_linear_fit(self) -> bool:
+        """The SGD path starts from the exact linear fit (``model.init`` resolved)."""
+        return not self.uses_exact_solver and self.model.init in ("auto", "linear")
 
 
 SPEC = FeHteSpec

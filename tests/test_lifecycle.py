@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -240,8 +241,13 @@ def test_three_scheduled_days_with_a_real_mlflow_server(days, tmp_path, capsys):
         _three_days(days, tmp_path / "runs", uri, capsys, tmp_path)
         assert not (tmp_path / "runs" / "mlflow.db").exists()
     finally:
-        os.killpg(server.pid, 15)
-        server.wait(timeout=30)
+        # The server shuts down gracefully (it can take more than 30 s): then it is killed.
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -1,4 +1,4 @@
-"""``dhte``: run, validate, simulate, predict, and manage cluster jobs.
+"""``dhte``: run, validate, simulate, predict, models (the registry), and cluster jobs.
 
 Every user error (bad spec, bad data, unreachable cluster) prints one paragraph and
 exits with code 2; ``--debug`` shows the traceback. A fit that did not converge exits
@@ -23,9 +23,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from distributed_hte.runtime import shutdown_ray
     from distributed_hte.spec import load_spec
 
-    spec = load_spec(args.spec, args.overrides)
+    spec = load_spec(args.spec, args.overrides, as_of=args.as_of)
     try:
-        path = run_job(spec, run_dir=args.run_dir, address=args.address)
+        path = run_job(spec, run_dir=args.run_dir, address=args.address, as_of=args.as_of)
     finally:
         shutdown_ray()  # flushes forwarded worker logs before our last line
     print(path, flush=True)
@@ -75,17 +75,66 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from distributed_hte.kinds import get_kind
     from distributed_hte.runtime import RayTarget, embedded_num_cpus, init_ray, shutdown_ray
 
-    spec_file = Path(args.run) / "spec.yaml"
+    run = Path(args.run) if args.run else None
+    if args.model:
+        from distributed_hte.registry import parse_ref
+
+        name, which = parse_ref(args.model)
+        registry = _registry(args)
+        version = registry.get(name, which)
+        run = registry.local_run(version)
+        print(f"{name} version {version.version}: {run}", file=sys.stderr)
+    spec_file = run / "spec.yaml"
     if not spec_file.exists():
-        raise UserError(f"{args.run} is not a run directory (no spec.yaml)")
+        raise UserError(f"{run} is not a run directory (no spec.yaml)")
     kind = yaml.safe_load(spec_file.read_text())["kind"]
     init_ray(RayTarget(address=args.address, num_cpus=embedded_num_cpus(0)))
     try:
-        info = get_kind(kind).predict(Path(args.run), args.data, Path(args.out))
+        info = get_kind(kind).predict(run, args.data, Path(args.out))
     finally:
         shutdown_ray()
     print(json.dumps(info), file=sys.stderr)
     print(info["out"], flush=True)
+    return 0
+
+
+def _registry(args: argparse.Namespace):
+    import os
+
+    from distributed_hte.registry import Registry, resolve_uri
+
+    uri = args.registry or os.environ.get("MLFLOW_TRACKING_URI") or "runs"
+    return Registry(resolve_uri(uri))
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from distributed_hte.registry import CHAMPION, parse_ref
+
+    registry = _registry(args)
+    if args.action == "list":
+        versions = registry.versions(args.name)
+        history = registry.history(args.name)
+        print(
+            f"{'version':>7}  {'aliases':<20} {'converged':<9} {'promoted':<8} {'as_of':<12} run_dir"
+        )
+        for v in versions:
+            print(
+                f"{v.version:>7}  {','.join(v.aliases) or '-':<20} "
+                f"{v.tags.get('converged', '?'):<9} {v.tags.get('promoted', '-'):<8} "
+                f"{v.tags.get('as_of', '-'):<12} {v.run_dir}"
+            )
+        print(f"champion history: {history}", file=sys.stderr)
+    elif args.action == "show":
+        name, which = parse_ref(args.name)
+        print(json.dumps(registry.get(name, which).as_dict(), indent=2))
+    elif args.action == "promote":
+        if args.version is None:
+            raise UserError("dhte models promote NAME VERSION: give the version to promote")
+        previous = registry.promote(args.name, args.version)
+        print(f"{args.name}: {CHAMPION} is version {args.version} (was {previous})")
+    elif args.action == "rollback":
+        current, previous = registry.rollback(args.name)
+        print(f"{args.name}: {CHAMPION} rolled back from version {current} to {previous}")
     return 0
 
 
@@ -144,6 +193,12 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     return 0
 
 
+REGISTRY_HELP = (
+    "MLflow tracking URI, or the outputs.dir folder of an embedded registry "
+    "(default: $MLFLOW_TRACKING_URI, else ./runs)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dhte", description="Ray-distributed training of causal and marketing models."
@@ -160,6 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--address",
         help="Ray cluster address (default: $RAY_ADDRESS, runtime.address, or embedded)",
+    )
+    r.add_argument(
+        "--as-of",
+        help="a schedule tick (e.g. 2026-11-24): fills {as_of} in the spec and names the run "
+        "<outputs.dir>/<name>/as-of-<tick>, so a tick that fires twice trains once",
     )
     r.set_defaults(fn=_cmd_run)
 
@@ -182,11 +242,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_simulate)
 
     pr = sub.add_parser("predict", help="score a dataset with a complete run's model")
-    pr.add_argument("--run", required=True, help="run directory")
+    which = pr.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", help="run directory")
+    which.add_argument(
+        "--model", help="a registered version: NAME@champion, NAME@challenger, NAME@VERSION"
+    )
+    pr.add_argument("--registry", help=REGISTRY_HELP)
     pr.add_argument("--data", required=True, help="parquet file or folder")
     pr.add_argument("--out", required=True, help="output parquet folder (must not exist)")
     pr.add_argument("--address")
     pr.set_defaults(fn=_cmd_predict)
+
+    mo = sub.add_parser("models", help="the model registry: list, show, promote, rollback")
+    mo.add_argument("action", choices=["list", "show", "promote", "rollback"])
+    mo.add_argument("name", help="registered model name (show: NAME@ALIAS or NAME@VERSION)")
+    mo.add_argument("version", nargs="?", type=int, help="promote: the version")
+    mo.add_argument("--registry", help=REGISTRY_HELP)
+    mo.set_defaults(fn=_cmd_models)
 
     ex = sub.add_parser(
         "export-bundle",

@@ -16,7 +16,7 @@ from typing import Any
 from distributed_hte.errors import ConvergenceError
 from distributed_hte.evaluation.metrics import flatten_metrics
 from distributed_hte.kinds import get_kind
-from distributed_hte.rundir import RunDir
+from distributed_hte.rundir import COMPLETE, RunDir
 from distributed_hte.runtime import RayTarget, embedded_num_cpus, init_ray, resolve_target
 from distributed_hte.spec import JobSpec, validate_spec
 from distributed_hte.train.ingest import configure_ray_data
@@ -49,23 +49,49 @@ def with_simulated_data(spec: JobSpec, progress: bool = True) -> JobSpec:
     return validate_spec(raw, source="(resolved spec)")
 
 
-def run_job(spec: JobSpec, run_dir: str | None = None, address: str | None = None) -> Path:
-    """Execute ``spec`` end to end; return the complete run directory."""
+def run_job(
+    spec: JobSpec,
+    run_dir: str | None = None,
+    address: str | None = None,
+    as_of: str | None = None,
+) -> Path:
+    """Execute ``spec`` end to end; return the complete run directory.
+
+    ``as_of`` (a schedule tick; ``{as_of}`` is already filled in the spec): the run goes to
+    ``<outputs.dir>/<name>/as-of-<as_of>`` unless ``run_dir`` says otherwise, and a tick
+    whose run is complete returns it without training again.
+    """
+    from distributed_hte import lifecycle
+
     kind = get_kind(spec.kind)
+    if as_of is not None and not run_dir:
+        run_dir = str(lifecycle.scheduled_run_dir(spec, as_of))
+    if as_of is not None and (Path(run_dir) / COMPLETE).exists():
+        return finished_tick(spec, Path(run_dir), as_of)
     if run_dir:
         RunDir.check_reusable(run_dir)  # before any work: a complete run is never redone
+    registry = lifecycle.open_registry(spec)  # unreachable: exit 2 before Ray starts
+    retrain = None
     if getattr(spec, "simulate", None) is None:
         kind.check(spec)  # metadata checks first: bad data fails before Ray starts
+        if registry is not None:  # holdout, schema and shift against the champion
+            retrain = lifecycle.before_data(spec, kind, registry)
     init_ray(ray_target_for(spec, address), spec.runtime.runtime_env)
     if getattr(spec.train, "reproducible", False):
         configure_ray_data(spec.train)  # before any read: reproducible shards and orders
     t0 = time.perf_counter()
     spec = with_simulated_data(spec)
     prepared = kind.prepare(spec)  # bad data fails here, before the run directory exists
+    if registry is not None:
+        if retrain is None:  # simulated data: checked now that it exists
+            retrain = lifecycle.before_data(spec, kind, registry)
+        lifecycle.before_training(retrain, spec, kind)  # the champion's holdout score
     run = RunDir.open(spec.to_dict(), spec.outputs.dir, spec.name, run_dir)
     run.attach_log()
     log.info("[run] %s (%s) → %s", spec.name, spec.kind, run.path)
     try:
+        if retrain is not None:
+            lifecycle.write_warm_start(retrain, kind, spec, prepared, run)
         if spec.tune is not None:
             from distributed_hte.tune.sweep import run_sweep
 
@@ -73,13 +99,22 @@ def run_job(spec: JobSpec, run_dir: str | None = None, address: str | None = Non
         else:
             metrics = kind.execute(spec, prepared, run)
         check_verdict(spec, metrics)  # after the artefacts: a failed verdict loses nothing
+        promotion = None
+        if retrain is not None:
+            promotion = lifecycle.after_fit(retrain, spec, kind, run, metrics, as_of)
         summary = {
             "seconds": round(time.perf_counter() - t0, 2),
             "kind": spec.kind,
             "name": spec.name,
         }
+        if promotion is not None:
+            summary["registered"] = {
+                k: promotion.get(k) for k in ("model", "version", "promoted", "reason")
+            }
         run.mark_complete(summary)
         print_summary(spec, metrics, run.path)
+        if promotion is not None:
+            print_promotion(promotion)
         return run.path
     except BaseException as exc:
         run.mark_failed(exc)
@@ -92,6 +127,34 @@ def run_job(spec: JobSpec, run_dir: str | None = None, address: str | None = Non
         raise
     finally:
         run.detach_log()
+
+
+def finished_tick(spec: JobSpec, path: Path, as_of: str) -> Path:
+    """A schedule tick whose run is complete: say so, train nothing, return its run."""
+    done = json.loads((path / COMPLETE).read_text() or "{}")
+    registered = done.get("registered")
+    log.info(
+        "[run] as of %s: %s is complete; not training again%s",
+        as_of,
+        path,
+        f" ({registered['model']} version {registered['version']})" if registered else "",
+    )
+    if registered:
+        print(
+            f"already done: {registered['model']} version {registered['version']} "
+            f"({'promoted' if registered['promoted'] else 'not promoted'})",
+            flush=True,
+        )
+    return path
+
+
+def print_promotion(promotion: dict[str, Any]) -> None:
+    """One line on stdout: what the registry now says about this run."""
+    head = f"{promotion['model']} version {promotion['version']}"
+    if promotion["promoted"]:
+        print(f"promoted: {head} is champion ({promotion['reason']})", flush=True)
+    else:
+        print(f"not promoted: {head}: {promotion['reason']}", flush=True)
 
 
 def check_verdict(spec: JobSpec, metrics: dict[str, Any]) -> None:

@@ -47,6 +47,12 @@ class ScalingSpec(StrictModel):
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     resources_per_worker: dict[str, float] | None = None
+    max_failures: int = Field(
+        2,
+        ge=-1,
+        description="worker-group restarts Ray Train makes after a worker dies (from the last "
+        "checkpoint); -1: unlimited, 0: a dead worker fails the run",
+    )
 
 
 class TrainSpec(StrictModel):
@@ -170,6 +176,67 @@ class RuntimeSpec(StrictModel):
     )
 
 
+class RegistrySpec(StrictModel):
+    """Where complete runs are registered as model versions (MLflow)."""
+
+    uri: str | None = Field(
+        None,
+        description="MLflow tracking/registry URI (http://host:5000, postgresql://...); "
+        "null: an embedded SQLite registry at <outputs.dir>/mlflow.db",
+    )
+    model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="registered model name")
+
+
+class HoldoutSpec(StrictModel):
+    """The rows champion and challenger are both scored on: a fixed dataset (``path``,
+    recommended) or the rows of ``data.path`` with ``column`` in ``[from, to)``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    path: str | None = None
+    column: str | None = None
+    from_: Any = Field(None, alias="from")
+    to: Any = None
+
+    @model_validator(mode="after")
+    def _path_or_column(self) -> HoldoutSpec:
+        if (self.path is None) == (self.column is None):
+            raise ValueError("give exactly one of path (a fixed evaluation set) or column")
+        if self.column is None and (self.from_ is not None or self.to is not None):
+            raise ValueError("from/to select rows by column; they need column")
+        if self.column is not None and self.from_ is None and self.to is None:
+            raise ValueError("column needs from and/or to (the holdout rows are [from, to))")
+        return self
+
+
+class GateSpec(StrictModel):
+    """Promote when the challenger beats the champion on the holdout by ``min_delta``."""
+
+    metric: str = Field(
+        "val_r2",
+        description="a metric the kind's evaluate reports (r2, rmse, ...); a val_ or "
+        "holdout_ prefix is accepted",
+    )
+    mode: Literal["min", "max"] = "max"
+    min_delta: float = Field(0.0, ge=0.0)
+
+
+class RetrainSpec(StrictModel):
+    """Champion/challenger retrains (needs ``registry``)."""
+
+    holdout: HoldoutSpec
+    gate: GateSpec = GateSpec()
+    init_from: str | None = Field(
+        None, description="warm start: 'champion' or a complete run directory; null: cold"
+    )
+    max_psi: float | None = Field(
+        None,
+        gt=0,
+        description="refuse to train when a feature's PSI against the champion's data "
+        "exceeds this (null: report the shift, never refuse)",
+    )
+
+
 class JobSpec(StrictModel):
     """The sections every kind shares. Kinds subclass this and add theirs."""
 
@@ -180,9 +247,18 @@ class JobSpec(StrictModel):
     tune: TuneSpec | None = None
     outputs: OutputsSpec = OutputsSpec()
     runtime: RuntimeSpec = RuntimeSpec()
+    registry: RegistrySpec | None = None
+    retrain: RetrainSpec | None = None
 
     @model_validator(mode="after")
     def _kind_checks(self) -> JobSpec:
+        if self.retrain is not None and self.registry is None:
+            raise ValueError("retrain needs a registry section (where the champion lives)")
+        if self.retrain is not None and self.tune is not None:
+            raise ValueError(
+                "retrain and tune cannot be combined yet: sweep first, then retrain the "
+                "chosen configuration"
+            )
         self.check_kind()
         return self
 
@@ -203,7 +279,7 @@ class JobSpec(StrictModel):
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved spec as plain JSON-able data (what a run directory stores)."""
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", by_alias=True)
 
     def fingerprint(self, section: str) -> str:
         """Short stable hash of one section, used to cache simulated data."""
@@ -336,9 +412,34 @@ def validate_spec(raw: dict[str, Any], source: str = "<spec>") -> JobSpec:
         raise SpecError(_format_validation_error(exc, source, spec_cls)) from exc
 
 
-def load_spec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> JobSpec:
-    """Load, override and validate a job spec file."""
+AS_OF_PATTERN = r"^[0-9A-Za-z][0-9A-Za-z_.:+-]*$"
+
+
+def fill_as_of(raw: Any, as_of: str) -> Any:
+    """``raw`` with ``{as_of}`` replaced by ``as_of`` in every string (a scheduled tick)."""
+    import re
+
+    if not re.match(AS_OF_PATTERN, as_of):
+        raise SpecError(
+            f"--as-of {as_of!r} must be a date or timestamp (letters, digits, - _ . : +), "
+            "e.g. 2026-11-24 or 2026-11-24T02:00:00Z"
+        )
+    if isinstance(raw, str):
+        return raw.replace("{as_of}", as_of)
+    if isinstance(raw, dict):
+        return {k: fill_as_of(v, as_of) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [fill_as_of(v, as_of) for v in raw]
+    return raw
+
+
+def load_spec(
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), as_of: str | None = None
+) -> JobSpec:
+    """Load, override and validate a job spec file (``as_of``: fill ``{as_of}`` first)."""
     raw = apply_overrides(read_yaml(path), overrides)
+    if as_of is not None:
+        raw = fill_as_of(raw, as_of)
     return validate_spec(raw, source=str(path))
 
 

@@ -229,7 +229,8 @@ def test_raycluster():
 def _entrypoint(job_spec: dict[str, Any]) -> tuple[Path, dict[str, str]]:
     entry = job_spec["entrypoint"]
     assert entry.startswith("dhte run jobs/"), entry
-    tokens = shlex.split(entry)
+    # A trailing --as-of=$(date ...) names the schedule tick (the shell expands it).
+    tokens = shlex.split(entry.split(" --as-of=")[0])
     overrides = dict(t.split("=", 1) for t in tokens[3:])
     assert len(overrides) == len(tokens) - 3, f"overrides must be key=value: {tokens[3:]}"
     return REPO / tokens[2], overrides
@@ -277,6 +278,14 @@ def test_raycronjob():
     schedule = cj["spec"]["schedule"]
     assert re.fullmatch(r"\S+( \S+){4}", schedule), f"not a 5-field cron schedule: {schedule!r}"
     _check_ray_job_spec(cj["spec"]["jobTemplate"])
+    # Idempotent ticks: the run directory is named after the tick, and the spec retrains
+    # against the registry's champion.
+    entry = cj["spec"]["jobTemplate"]["entrypoint"]
+    assert re.search(r"--as-of=\$\(date -u \+%F\)", entry), entry
+    spec_file, _ = _entrypoint(cj["spec"]["jobTemplate"])
+    spec = yaml.safe_load(spec_file.read_text())
+    assert spec.get("registry") and spec.get("retrain"), f"{spec_file.name} is not a retrain"
+    assert "{as_of}" in spec["data"]["path"], "the tick must select the day's data"
 
 
 def test_claims_used_by_pods_are_defined_read_write_many():

@@ -53,7 +53,22 @@ class Kind(ABC):
     # A study has no model: nothing to evaluate or predict, no sweep over it.
     is_study: ClassVar[bool] = False
 
+    # What a warm start (``retrain.init_from``) means for this kind; None: it cannot, and
+    # ``cannot_warm_start`` says why (the run then fails at once with exit 2).
+    warm_start: ClassVar[str | None] = None
+    cannot_warm_start: ClassVar[str] = "it has no trained weights a new fit could start from"
+
     # -- hooks with defaults ---------------------------------------------------------
+    def warm_start_state(self, spec: JobSpec, prepared: Any, source: ModelBundle) -> Any:
+        """The initial ``state_dict`` of this spec's model, mapped from ``source`` (a
+        complete model of the same kind), or None when a warm start changes nothing for
+        this spec. The life cycle writes it to ``<run>/init/state.pt``; the training loop
+        starts from it (never over a checkpoint it resumes from)."""
+        raise SpecError(
+            f"kind {self.name!r} cannot warm start: {self.cannot_warm_start}; set "
+            "retrain.init_from: null"
+        )
+
     def report_iterations(self, spec: JobSpec) -> int:
         """How many intermediate results one ``fit`` reports (ASHA's time axis)."""
         return spec.train.epochs

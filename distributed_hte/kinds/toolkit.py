@@ -199,8 +199,18 @@ def truth_error(field: str, path: Path, problem: str) -> DataError:
 
 
 def spec_fingerprint(spec) -> str:
-    """Hash of the spec sections that determine the fitted model."""
+    """Hash of the spec sections that determine the fitted model.
+
+    Where the model is registered, how it is gated and how often a dead worker is
+    restarted do not change it; a warm start (``retrain.init_from``) does.
+    """
     raw = {k: v for k, v in spec.to_dict().items() if k not in _NOT_FITTED}
+    raw.pop("registry", None)
+    retrain = raw.pop("retrain", None)
+    if retrain and retrain.get("init_from"):
+        raw["init_from"] = retrain["init_from"]
+    if isinstance(raw.get("scaling"), dict):
+        raw["scaling"] = {k: v for k, v in raw["scaling"].items() if k != "max_failures"}
     return hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()[:16]
 
 

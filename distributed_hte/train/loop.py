@@ -12,6 +12,7 @@ lines (epoch, rows/s, ETA).
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -199,6 +200,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     best_state: dict[str, torch.Tensor] | None = None
 
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("init_state"):
+        # A warm start (a champion's weights mapped onto this model); a resume never uses it.
+        model.load_state_dict(
+            torch.load(io.BytesIO(config["init_state"]), map_location=device, weights_only=True)
+        )
+        if rank == 0:
+            log.info("warm start: initial weights from the run's init/state.pt")
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             saved = torch.load(

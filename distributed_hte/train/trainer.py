@@ -29,6 +29,10 @@ __all__ = ["FitResult", "Verdict", "check_convergence", "fit", "training_summary
 log = logging.getLogger("distributed_hte.train")
 
 TRAIN_SUBDIR = "train"
+# A warm start: ``<run_dir>/init/state.pt``, a state_dict for the kind's freshly built
+# model (written by the life cycle from a champion, see ``Kind.warm_start_state``). The
+# loop loads it when there is no checkpoint to resume from; a resume ignores it.
+INIT_STATE = ("init", "state.pt")
 
 
 @dataclass(frozen=True)
@@ -50,6 +54,11 @@ class FitResult:
     def convergence_reason(self) -> str:
         """``converged``, ``still_improving``, ``diverged``, ... (``verdict.reason``)."""
         return self.verdict.reason
+
+
+def warm_started(run_dir: Path) -> bool:
+    """Whether the fit in ``run_dir`` starts from a warm-start state (``init/state.pt``)."""
+    return Path(run_dir).joinpath(*INIT_STATE).exists()
 
 
 def scaling_config(spec: JobSpec):
@@ -89,6 +98,7 @@ def fit(
     from distributed_hte.train.ingest import ReproducibleDataConfig, shuffle_datasets
 
     storage = Path(run_dir).resolve()
+    init = storage.joinpath(*INIT_STATE)
     datasets = shuffle_datasets(datasets, spec.train)
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -97,6 +107,7 @@ def fit(
             "train": spec.train.model_dump(),
             "train_rows": train_rows // spec.scaling.num_workers,
             "datasets": sorted(datasets),
+            "init_state": init.read_bytes() if init.exists() else None,
         },
         scaling_config=scaling_config(spec),
         torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
@@ -106,7 +117,9 @@ def fit(
             name=TRAIN_SUBDIR,
             storage_path=str(storage),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=0),
+            # A dead worker (preempted node, OOM kill) restarts the group from the last
+            # epoch's checkpoint; the history in it keeps every epoch exactly once.
+            failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
             callbacks=callbacks or None,
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}
             if not spec.scaling.use_gpu

@@ -61,6 +61,11 @@ class FeHtePrepared:
 class FeHteKind(Kind):
     name = "fe_hte"
     spec_class = FeHteSpec
+    warm_start = (
+        "SGD: the beta and g networks start from the previous model's weights and keep its "
+        "input standardisation; fixed effects of known ids keep their values, new ids start "
+        "at zero. The exact solver (linear nets) solves exactly: a warm start changes nothing"
+    )
     artefacts = ["coefficients.json", "history.parquet", "fixed_effects", "model", "plots"]
 
     # -- simulate ---------------------------------------------------------------------
@@ -176,7 +181,7 @@ class FeHteKind(Kind):
         import torch
 
         from distributed_hte.data.split import cache_if_small, split_datasets
-        from distributed_hte.train.trainer import fit, training_summary
+        from distributed_hte.train.trainer import fit, training_summary, warm_started
 
         plugin = self.make_plugin(spec, prepared)
         # SGD reads files in a fresh seeded order every epoch; the exact solver needs none.
@@ -188,7 +193,10 @@ class FeHteKind(Kind):
             self._fit_exact(spec, plugin, datasets["train"], run)
             return
         start: dict[str, Any] = {"init": "random"}
-        if spec.starts_from_linear_fit:
+        if warm_started(run.path):
+            # retrain.init_from: the loop starts from the previous model's weights.
+            start = {"init": "warm start (retrain.init_from)"}
+        elif spec.starts_from_linear_fit:
             from distributed_hte.kinds.fe_hte.exact import linear_start
 
             log.info("[fit] starting point: the exact linear fit (one pass over the data)")
@@ -247,6 +255,26 @@ class FeHteKind(Kind):
                 "vocab.npz": plugin.save_vocab,
             },
         )
+
+    # -- warm start -------------------------------------------------------------------
+    def warm_start_state(self, spec: FeHteSpec, prepared: FeHtePrepared, source: ModelBundle):
+        from distributed_hte.kinds.fe_hte.plugin import FeHtePlugin
+        from distributed_hte.kinds.fe_hte.warm import map_state
+
+        if spec.uses_exact_solver:
+            log.info("[warm start] the exact solver solves exactly: nothing to start from")
+            return None
+        state, summary = map_state(
+            self.make_plugin(spec, prepared), FeHtePlugin.from_bundle(source), source.state_dict()
+        )
+        log.info(
+            "[warm start] from %s: %s",
+            source.run_dir,
+            ", ".join(
+                f"{c} {v['known_ids']} known / {v['new_ids']} new" for c, v in summary.items()
+            ),
+        )
+        return state
 
     # -- evaluate ---------------------------------------------------------------------
     def evaluate(

@@ -85,6 +85,10 @@ class InterferencePrepared:
 
 class InterferenceKind(Kind):
     name = "interference"
+    cannot_warm_start = (
+        "its choice and response networks are cross-fitted per fold; starting them from a "
+        "model that saw every fold would leak each fold's held-out rows into its own fit"
+    )
     spec_class = InterferenceSpec
     artefacts = ["estimates.json", "influence", "history.parquet", "model", "plots"]
 

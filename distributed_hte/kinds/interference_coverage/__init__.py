@@ -86,6 +86,7 @@ def _true_gte(cfg, n: int) -> dict[str, Any]:
 
 class InterferenceCoverageKind(Kind):
     name = "interference_coverage"
+    cannot_warm_start = "a coverage study fits fresh models on every replication by design"
     spec_class = InterferenceCoverageSpec
     artefacts = ["coverage.parquet", "coverage.csv", "coverage.json", "replications.parquet"]
 

@@ -64,6 +64,10 @@ class SegmentsPrepared:
 
 class SegmentsKind(Kind):
     name = "segments"
+    cannot_warm_start = (
+        "every fit solves the whole (λ, α) path from λ_max down with cross-validation; "
+        "a previous solution is an optimum for one λ of another dataset, not a start for the path"
+    )
     spec_class = SegmentsSpec
     artefacts: ClassVar[list[str]] = [
         "segments.json",
@@ -270,7 +274,11 @@ class SegmentsKind(Kind):
             run_config=RunConfig(
                 name="solve",
                 storage_path=str(run.path.resolve()),
-                failure_config=FailureConfig(max_failures=0),
+                # A dead worker restarts the whole λ path: the solver checkpoints only
+                # its final result (a λ step's state lives in every replica's memory, and
+                # the path is minutes on data that fits the workers), so there is no
+                # completed-λ checkpoint to resume from.
+                failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
                 callbacks=callbacks or None,
                 worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}},
             ),

@@ -124,7 +124,10 @@ def test_bad_data_exits_2_and_writes_nothing(case, tmp_path):
             "name: x\nkind: fe_hte\ndata: {path: /d}\ntrain: {epochs: two}\n",
             "train.epochs: found 'two'",
         ),
-        ("name: x\nkind: fe_htx\ndata: {path: /d}\n", "allowed kinds: fe_hte"),
+        (
+            "name: x\nkind: fe_htx\ndata: {path: /d}\n",
+            "found 'fe_htx'; allowed kinds: aipw_segments, fe_hte",
+        ),
     ],
 )
 def test_malformed_spec_exits_2(text, fragment, tmp_path):

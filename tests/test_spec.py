@@ -12,6 +12,8 @@ from distributed_hte.spec import apply_overrides, load_spec, validate_spec, with
 
 REPO = Path(__file__).resolve().parents[1]
 JOBS = sorted((REPO / "jobs").glob("*.yaml"))
+# The override tests need a spec with SGD training and nets.
+FE_HTE_JOB = REPO / "jobs" / "fe_hte_quickstart.yaml"
 MINIMAL = {"name": "t", "kind": "fe_hte", "data": {"path": "/data"}}
 
 
@@ -29,7 +31,7 @@ def test_jobs_folder_is_not_empty():
 
 def test_overrides_set_nested_values_with_yaml_types():
     spec = load_spec(
-        JOBS[0],
+        FE_HTE_JOB,
         ["train.epochs=2", "train.lr=0.5", "data.path=/some/dir", "model.beta_net.hidden=[8, 4]"],
     )
     assert spec.train.epochs == 2 and spec.train.lr == 0.5
@@ -43,7 +45,7 @@ def test_overrides_set_nested_values_with_yaml_types():
         ("train.lr=abc", "train.lr: found 'abc' (str)"),
         ("train.lrr=1", "train.lrr: unknown key; allowed keys here: amp, batch_size"),
         ("scaling.num_workers=0", "scaling.num_workers: found 0"),
-        ("kind=nope", "kind: found 'nope'; allowed kinds: fe_hte"),
+        ("kind=nope", "kind: found 'nope'; allowed kinds: aipw_segments, fe_hte"),
         ("model.beta_net.hidden=[a]", "model.beta_net.hidden.0: found 'a'"),
         ("train.optimizer=lbfgs", "Input should be 'adam', 'adamw' or 'sgd'"),
         ("outputs.dir=s3://bucket/runs", "outputs.dir must be a filesystem path"),
@@ -52,7 +54,7 @@ def test_overrides_set_nested_values_with_yaml_types():
 )
 def test_errors_name_the_field_the_value_and_what_is_allowed(override, expected):
     with pytest.raises(SpecError) as err:
-        load_spec(JOBS[0], [override])
+        load_spec(FE_HTE_JOB, [override])
     assert expected in str(err.value)
 
 

@@ -31,7 +31,7 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,6 +193,27 @@ def truth_error(field: str, path: Path, problem: str) -> DataError:
         f"the ground truth at {path} ({field}) {problem}; fix it, or drop {field} to run "
         "without recovery metrics"
     )
+
+
+def read_truth_json(
+    explicit: str | None, data_path: str, kind: str, keys: Sequence[str]
+) -> tuple[dict | None, Path | None]:
+    """A kind's ``truth.json`` (``data.truth`` or its simulator's), checked for ``keys``.
+
+    Returns ``(truth, path)``, ``(None, None)`` when there is no truth to read; raises
+    :func:`truth_error` for a file that is not JSON or lacks a key.
+    """
+    path = truth_location(explicit, data_path, kind, "truth.json", "data.truth")
+    if path is None:
+        return None, None
+    try:
+        truth = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise truth_error("data.truth", path, f"is not readable JSON ({exc})") from exc
+    missing = [k for k in keys if not isinstance(truth, dict) or k not in truth]
+    if missing:
+        raise truth_error("data.truth", path, f"lacks the key(s) {missing} of a {kind} simulation")
+    return truth, path
 
 
 # ----------------------------------------------------------------------------- bundle

@@ -13,7 +13,6 @@ and ``scores.parquet`` with ``outputs.scores``. See :mod:`distributed_hte.estima
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 import time
@@ -46,9 +45,8 @@ from distributed_hte.kinds.toolkit import (
     RowFilter,
     load_bundle,
     read_parquet,
+    read_truth_json,
     save_bundle,
-    truth_error,
-    truth_location,
     write_predictions,
 )
 from distributed_hte.rundir import RunDir, write_json
@@ -364,16 +362,7 @@ class AipwSegmentsKind(Kind):
     def _truth(self, spec: AipwSegmentsSpec) -> dict | None:
         d = spec.data
         assert d.path is not None
-        path = truth_location(d.truth, d.path, self.name, "truth.json", "data.truth")
-        if path is None:
-            return None
-        try:
-            truth = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise truth_error("data.truth", path, f"is not readable JSON ({exc})") from exc
-        if not isinstance(truth, dict) or "ate" not in truth or "segments" not in truth:
-            raise truth_error("data.truth", path, "lacks the keys 'ate' and 'segments'")
-        return truth
+        return read_truth_json(d.truth, d.path, self.name, ("ate", "segments"))[0]
 
     # -- fit --------------------------------------------------------------------------
     def fit(

@@ -11,7 +11,6 @@ the CV path, recovery against ``truth.json`` on data this project simulated, plo
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -32,9 +31,9 @@ from distributed_hte.kinds.toolkit import (
     batch_sums,
     load_bundle,
     read_parquet,
+    read_truth_json,
     save_bundle,
     truth_error,
-    truth_location,
     write_predictions,
 )
 from distributed_hte.rundir import RunDir, write_json
@@ -177,18 +176,9 @@ class SegmentsKind(Kind):
         """``truth.json`` named by the spec or written by this project's simulator, checked."""
         d = spec.data
         assert d.path is not None
-        path = truth_location(d.truth, d.path, self.name, "truth.json", "data.truth")
-        if path is None:
+        truth, path = read_truth_json(d.truth, d.path, self.name, TRUTH_KEYS)
+        if truth is None:
             return None
-        try:
-            truth = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise truth_error("data.truth", path, f"is not readable JSON ({exc})") from exc
-        missing = [k for k in TRUTH_KEYS if not isinstance(truth, dict) or k not in truth]
-        if missing:
-            raise truth_error(
-                "data.truth", path, f"lacks the key(s) {missing} of a segments simulation"
-            )
         absent = [f for f in truth["features"] if f not in spec.feature_columns()]
         if absent:
             raise truth_error(

@@ -35,7 +35,13 @@ REPRO_ATOL = 1e-6
 # ----------------------------------------------------------------------- verdict (pure)
 
 
-def _history(val: list[float], *, factor_end: float = FINAL_FACTOR, initial: float = 10.0):
+def _history(
+    val: list[float],
+    *,
+    factor_end: float = FINAL_FACTOR,
+    initial: float = 10.0,
+    grad_snr: float | None = None,
+):
     """Epoch records as the loop reports them; train_loss tracks val_loss."""
     n = len(val)
     return [
@@ -46,6 +52,7 @@ def _history(val: list[float], *, factor_end: float = FINAL_FACTOR, initial: flo
             "initial_loss": initial,
             "lr_factor": factor_end if i == n - 1 else 0.5,
             "stopped_reason": "",
+            "grad_snr": grad_snr,
         }
         for i, v in enumerate(val)
     ]
@@ -77,6 +84,46 @@ def test_verdict_still_improving_names_the_rate_and_what_to_try():
     # Best before the last 3 epochs 3.0, best in them 1.2: (3.0 - 1.2) / 3.0 / 3.
     assert v.rel_improvement_per_epoch == pytest.approx(0.2)
     assert "train.epochs" in v.suggestion
+
+
+def test_verdict_a_falling_loss_with_a_steady_mean_gradient_is_still_improving():
+    v = _assess(_history([5.0, 3.0, 2.0, 1.5, 1.2], grad_snr=7000.0))
+    assert not v.converged and v.reason == "still_improving"
+    assert v.grad_snr == pytest.approx(7000.0)
+    assert "moving downhill" in v.message
+    h = _history([5.0, 3.0, 2.0, 1.5, 1.2], grad_snr=7000.0)
+    h[-1]["grad_snr_param"] = "beta_net.head.bias"
+    assert "gradient of beta_net.head.bias was 7e+03x" in _assess(h).message
+
+
+def test_verdict_the_annealing_drop_alone_is_not_still_improving():
+    """Cosine's last epochs: the loss falls 0.6 %/epoch because the LR shrinks SGD's noise,
+    while the mean gradient is within noise (snr 0.8, the quickstart's last epoch)."""
+    losses = [0.30, 0.29, 0.28, 0.27, 0.262, 0.257, 0.2537, 0.2525, 0.2522]
+    v = _assess(_history(losses, grad_snr=0.8))
+    assert v.rel_improvement_per_epoch > 1e-3
+    assert v.converged and v.reason == "converged", v
+    assert "within noise" in v.message and "0.8" in v.message
+    # The same loss curve with a steady downhill gradient is not converged.
+    assert _assess(_history(losses, grad_snr=50.0)).reason == "still_improving"
+
+
+def test_gradient_snr_tells_noise_from_a_steady_direction():
+    """About 1 for zero-mean step gradients, about 1 + n |mu|^2 / tr(Sigma) with a drift."""
+    from distributed_hte.train.convergence import GRAD_SNR_MOVING, gradient_snr
+
+    rng = np.random.default_rng(0)
+
+    def snr(g):
+        return gradient_snr(g.sum(axis=0), float((g * g).sum()), len(g))
+
+    noise = rng.normal(size=(400, 300))
+    assert snr(noise) == pytest.approx(1.0, abs=0.3)
+    drift = noise + 0.2  # |mu|^2 = 300 * 0.04 = 12 against tr(Sigma) = 300, n = 400
+    assert snr(drift) == pytest.approx(1 + 400 * 12 / 300, rel=0.1)
+    assert snr(drift) > GRAD_SNR_MOVING > snr(noise)
+    assert gradient_snr(np.ones(3), 3.0, 1) is None  # one step: no noise estimate
+    assert gradient_snr(np.ones(3) * 4, 12.0, 4) is None  # identical steps: no noise
 
 
 def test_verdict_stopped_before_the_schedule_decayed():
@@ -321,6 +368,11 @@ def test_same_spec_data_and_seed_give_the_same_fit(
     for k in a:
         np.testing.assert_allclose(a[k].numpy(), b[k].numpy(), rtol=0, atol=REPRO_ATOL, err_msg=k)
     assert runs[0].final_metrics["convergence_reason"] == runs[0].verdict.reason
+    # The verdict's gradient test is measured every epoch, and repeats with the run.
+    snrs = [[h["grad_snr"] for h in r.history] for r in runs]
+    assert all(x is not None and x >= 0 for x in snrs[0]), snrs
+    assert snrs[0] == pytest.approx(snrs[1], rel=1e-6)
+    assert all(h["grad_snr_param"] for h in runs[0].history)
 
 
 def test_shuffle_changes_the_batch_order_on_a_real_shard(ray_session):

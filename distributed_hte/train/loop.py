@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distributed_hte.train.convergence import assess_convergence, divergence
+from distributed_hte.train.convergence import assess_convergence, divergence, gradient_snr
 from distributed_hte.train.schedule import (
     Anneal,
     early_stopping_action,
@@ -107,6 +107,53 @@ def _epoch_batches(
     if cache is not None:
         # One array per column: later epochs permute rows, not only batches.
         cache.rows, cache.batches = concat_batches(cache.batches), []
+
+
+class _GradientMoments:
+    """Per-epoch sums of the step gradients, per parameter tensor, kept on the device (no
+    sync per step).
+
+    After DDP's all-reduce every rank holds the same averaged gradient, so the sums agree
+    across ranks without communication. Memory: one float64 copy of the parameters.
+    Per tensor, because one pooled ratio lets the large, noisy tensors (embeddings that
+    oscillate across a steep valley) drown a small layer that is still drifting.
+    """
+
+    def __init__(self, named: list[tuple[str, nn.Parameter]], device: torch.device) -> None:
+        self.names = [n.removeprefix("module.") for n, _ in named]
+        self.params = [p for _, p in named]
+        self.sizes = [p.numel() for p in self.params]
+        self.total = torch.zeros(sum(self.sizes), dtype=torch.float64, device=device)
+        self.sq = torch.zeros(len(self.params), dtype=torch.float64, device=device)
+        self.steps = 0
+
+    def add(self) -> None:
+        parts = []
+        for p in self.params:
+            g = p.grad
+            if g is None:
+                parts.append(torch.zeros(p.numel(), dtype=torch.float64, device=self.total.device))
+            else:
+                parts.append((g.to_dense() if g.is_sparse else g).reshape(-1).double())
+        flat = torch.cat(parts)
+        if not bool(torch.isfinite(flat).all()):
+            return  # an AMP overflow step: the scaler skips it, and so do the moments
+        self.total += flat
+        self.sq += torch.stack([x.dot(x) for x in parts])
+        self.steps += 1
+
+    def snr(self) -> tuple[float | None, str]:
+        """The largest per-tensor :func:`~distributed_hte.train.convergence.gradient_snr`
+        of the epoch's steps, and that tensor's name."""
+        if self.steps < 2:
+            return None, ""
+        totals = np.split(self.total.cpu().numpy(), np.cumsum(self.sizes)[:-1])
+        best: tuple[float | None, str] = (None, "")
+        for name, total, sq in zip(self.names, totals, self.sq.tolist(), strict=True):
+            value = gradient_snr(total, sq, self.steps)
+            if value is not None and (best[0] is None or value > best[0]):
+                best = (value, name)
+        return best
 
 
 def _all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, float]:
@@ -237,10 +284,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     rows_done_run = 0
     anneal = Anneal(*state["anneal"]) if state["anneal"] else None
 
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     for epoch in range(state["epoch"], train["epochs"]):
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        grads = _GradientMoments(trainable, device)
         rows = 0
         t_first: float | None = None
         factor = scheduled_factor(state["step"], total_steps, train["lr_schedule"], anneal)
@@ -266,6 +315,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 state["initial_loss"] = _mean_over_ranks(loss.detach().double(), device)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
+            if use_amp:
+                scaler.unscale_(optimizer)  # true gradients for the moments; step() knows
+            grads.add()
             scaler.step(optimizer)
             scaler.update()
             n = len(next(iter(batch.values())))
@@ -303,6 +355,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
             "lr": train["lr"] * factor,
             "initial_loss": state["initial_loss"],
         }
+        # Mean gradient against its step-to-step noise: the convergence verdict's test.
+        metrics["grad_snr"], metrics["grad_snr_param"] = grads.snr()
         train_totals = _all_reduce_sums({"loss_sum": float(loss_sum), "n": float(rows)}, device)
         metrics["train_loss"] = train_totals["loss_sum"] / max(train_totals["n"], 1)
         metrics["rows_per_s"] = train_totals["n"] / max(train_seconds, 1e-9)

@@ -187,6 +187,7 @@ def training_summary(result: FitResult, fit_seconds: float, num_workers: int) ->
         "convergence_message": v.message,
         "convergence_suggestion": v.suggestion,
         "rel_improvement_per_epoch": v.rel_improvement_per_epoch,
+        "grad_snr": v.grad_snr,
         "initial_loss": v.initial_loss,
         "final_loss": v.final_loss,
     }

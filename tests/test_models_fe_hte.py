@@ -185,3 +185,80 @@ def test_a_nonlinear_net_with_a_skip_path_holds_a_linear_fit_exactly():
 def test_skip_path_is_only_built_for_nonlinear_nets():
     lin = FixedEffectsHTE(2, 0, [3], MLPConfig((), skip=True))
     assert lin.beta_net.skip is None and lin.beta_net.is_linear
+
+
+def _backfit_problem(seed: int = 3):
+    """A plugin with skewed, confounded ids (buyer x seller x week) and rows in memory."""
+    from distributed_hte.kinds.fe_hte.plugin import FeHtePlugin
+
+    rng = np.random.default_rng(seed)
+    n, sizes = 3000, {"buyer": 60, "seller": 12, "week": 5}
+    rows = {
+        # Skewed group sizes; sparse int64 ids as users have them.
+        "buyer": 1000 + 7 * rng.zipf(1.6, n).clip(max=sizes["buyer"]).astype(np.int64),
+        "seller": 50 + rng.integers(0, sizes["seller"], n),
+        "week": 202401 + rng.integers(0, sizes["week"], n),
+        "x0": rng.normal(size=n),
+        "z0": rng.normal(size=n),
+    }
+    rows["t"] = rng.poisson(1.0 + (rows["buyer"] % 3), n).astype(np.float64)
+    rows["y"] = (
+        (0.5 + 0.3 * rows["x0"]) * rows["t"]
+        + 0.2 * rows["z0"]
+        + 0.01 * rows["buyer"]
+        - 0.1 * rows["seller"]
+        + rng.normal(size=n)
+    )
+    vocab = {c: np.unique(rows[c]) for c in ("buyer", "seller", "week")}
+    plugin = FeHtePlugin(
+        outcome="y",
+        treatment="t",
+        beta_features=["x0"],
+        g_features=["z0"],
+        fixed_effects=["buyer", "seller", "week"],
+        vocab=vocab,
+        beta_mean=[0.0],
+        beta_scale=[1.0],
+        g_mean=[0.0],
+        g_scale=[1.0],
+        beta_net=MLPConfig(hidden=(8,)),
+        g_net=MLPConfig(hidden=()),
+        backfit_sweeps=400,
+        cache_in_memory=True,
+    )
+    return plugin, rows
+
+
+def test_backfit_sets_the_exact_fixed_effects_given_the_nets():
+    """after_epoch's Gauss-Seidel sweeps reach the least-squares fixed effects of
+    y - beta(x) t - g(z) (dummy-variable lstsq), normalised as normalize_ does, and the
+    effects are no longer SGD parameters."""
+    plugin, rows = _backfit_problem()
+    torch.manual_seed(0)
+    model = plugin.build_model().double()
+    assert not any(p.requires_grad for p in model.fixed_effects.parameters())
+    assert not model.intercept.requires_grad
+    assert all(g["lr_scale"] == 1.0 for g in plugin.param_groups(model))
+
+    out = plugin.after_epoch(model, rows, lambda a: a)
+    assert out["backfit_last_sweep_change"] < 1e-9
+
+    b = plugin.to_tensors(rows, torch.device("cpu"))
+    with torch.no_grad():
+        nets = (model.beta(b["x_beta"].double()) * b["t"] + model.g(b["x_g"].double())).numpy()
+    ids = b["ids"].numpy()
+    dummies = [np.ones((len(nets), 1))] + [
+        np.eye(len(plugin.vocab[c]))[ids[:, f]][:, 1:] for f, c in enumerate(plugin.fixed_effects)
+    ]
+    design = np.hstack(dummies)
+    coef, *_ = np.linalg.lstsq(design, rows["y"] - nets, rcond=None)
+    with torch.no_grad():
+        ours = model.fixed_effect_sum(b["ids"]).numpy()
+    np.testing.assert_allclose(ours, design @ coef, atol=1e-8)
+    for emb in model.fixed_effects:
+        assert abs(float(emb.weight.mean())) < 1e-10  # every id seen: zero mean
+
+    # Off without rows in memory: SGD keeps the effects.
+    plugin.cache_in_memory = False
+    assert plugin.after_epoch(model, rows, lambda a: a) == {}
+    assert plugin.build_model().fixed_effects[0].weight.requires_grad

@@ -147,6 +147,18 @@ def test_verdict_diverged_when_training_made_the_loss_worse_than_untrained():
     assert _assess(h, epochs=5).reason == "diverged"
 
 
+def test_verdict_worse_than_start_when_the_run_never_gets_back_to_its_start():
+    """A warm start knocked into a poor region by a high LR, where the loss then settles
+    (the warehouse data at lr 0.05: val loss 1.63 from a 0.3 start, flat at the end)."""
+    h = _history([2.5, 1.9, 1.7, 1.64, 1.631, 1.6305], initial=0.3, grad_snr=0.9)
+    v = _assess(h, lr=0.05)
+    assert not v.converged and v.reason == "worse_than_start", v
+    assert "5.4x the starting model's loss" in v.message and "lower train.lr" in v.suggestion
+    # Back near its start: not worse (a warm start first kicked up by Adam, then back).
+    h = _history([0.45, 0.36, 0.31, 0.30, 0.30], initial=0.3, grad_snr=0.9)
+    assert _assess(h, lr=0.05).converged
+
+
 def test_verdict_non_finite_loss():
     h = _history([2.0, 1.0, math.nan], factor_end=0.5)
     assert divergence(h) == "non_finite"

@@ -12,6 +12,10 @@ in this order:
     ``DIVERGED_VS_INITIAL`` times the untrained model's loss on the first batch, or the
     monitored loss rose in each of the last ``DIVERGED_RISING_EPOCHS`` epochs and is over
     ``DIVERGED_VS_BEST`` times its best. The loop stops at once.
+``worse_than_start``
+    The best monitored loss of the whole run stayed above ``WORSE_THAN_START`` times the
+    starting model's loss: training made the model worse and never recovered (a warm start
+    that a too-high LR knocked into a poor region, where the loss then settles).
 ``stopped_before_decay``
     A cosine run ended before its planned epochs with the LR factor still above
     ``DECAYED_FACTOR``. The loop's own early stopping never does this; an outside stop
@@ -57,6 +61,7 @@ Reason = Literal[
     "still_improving",
     "stopped_before_decay",
     "diverged",
+    "worse_than_start",
     "non_finite",
     "too_few_epochs",
 ]
@@ -66,14 +71,17 @@ DIVERGED_VS_INITIAL = 10.0
 # ... or the monitored loss rose this many epochs in a row to this many times its best.
 DIVERGED_RISING_EPOCHS = 3
 DIVERGED_VS_BEST = 2.0
+# Worse than the start: the run's best loss is above this many times the starting loss.
+WORSE_THAN_START = 1.5
 # Epochs over which "still improving" is measured.
 WINDOW = 3
 # The last epoch's gradient signal-to-noise ratio (the largest over parameter tensors)
 # above which the weights count as still moving downhill. Stationary SGD gives about 1-2 per
-# tensor (see gradient_snr); a one-number tensor (a bias) exceeds 10 by chance with
-# probability 0.0016. Measured: 0.05-1.4 on runs that end on the optimum, 75 and 7,000 on
-# runs still descending (benchmarks/README.md, "Convergence verdict").
-GRAD_SNR_MOVING = 10.0
+# tensor (see gradient_snr); i.i.d. noise on a one-number tensor (a bias) exceeds 5 with
+# probability 0.025, and Adam's oscillation across a valley pulls the ratio below 1.
+# Measured: 0.05-1.4 on runs that end on the optimum; 8 to 7,000 on runs still descending
+# (benchmarks/README.md, "Convergence verdict").
+GRAD_SNR_MOVING = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +273,21 @@ def assess_convergence(
         )
     rel = recent_improvement(finite, window)
     common["rel_improvement_per_epoch"] = rel
+    if (
+        best_loss is not None
+        and _finite(initial)
+        and initial > 0
+        and best_loss > WORSE_THAN_START * initial
+    ):
+        return Verdict(
+            converged=False,
+            reason="worse_than_start",
+            message=f"training made the model worse: the best {key} ({best_loss:.4g}, epoch "
+            f"{best_epoch}) stayed {best_loss / initial:.1f}x the starting model's loss "
+            f"({initial:.4g}) with train.lr={lr:g}",
+            suggestion=lower,
+            **common,
+        )
     if (
         schedule == "cosine"
         and len(history) < epochs

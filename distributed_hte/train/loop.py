@@ -66,6 +66,10 @@ class TrainPlugin(Protocol):
         """Metrics from summed statistics, keys prefixed with ``prefix`` (train_/val_)."""
         ...
 
+    # Optional: ``after_epoch(model, rows, all_reduce) -> dict`` runs on every rank after
+    # each epoch's steps, with the worker's cached rows (None while they are not cached):
+    # an exact step the kind takes between epochs; its metrics join the epoch's record.
+
     # Optional: ``cache_in_memory = True`` keeps a worker's shard rows in its memory
     # after the first epoch (small data: later epochs skip the Ray Data pipeline start-up).
 
@@ -163,6 +167,15 @@ def _all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, 
     t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(t)
     return dict(zip(keys, t.tolist(), strict=True))
+
+
+def _all_reduce_array(values: np.ndarray, device: torch.device) -> np.ndarray:
+    """``values`` ``(k,)`` summed over the DDP ranks, as float64 (itself with one worker)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return np.asarray(values, dtype=np.float64)
+    t = torch.as_tensor(np.asarray(values, dtype=np.float64), device=device)
+    torch.distributed.all_reduce(t)
+    return t.cpu().numpy()
 
 
 def _add(into: dict[str, float], part: dict[str, float]) -> None:
@@ -357,6 +370,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         }
         # Mean gradient against its step-to-step noise: the convergence verdict's test.
         metrics["grad_snr"], metrics["grad_snr_param"] = grads.snr()
+        if hasattr(plugin, "after_epoch"):
+            # A kind's exact step between epochs (fe_hte: backfit the fixed effects), on
+            # the rows this worker keeps in memory; before validation, so it is judged.
+            metrics.update(
+                plugin.after_epoch(
+                    _unwrap(model),
+                    cache_train.rows if cache_train is not None else None,
+                    lambda a: _all_reduce_array(a, device),
+                )
+            )
         train_totals = _all_reduce_sums({"loss_sum": float(loss_sum), "n": float(rows)}, device)
         metrics["train_loss"] = train_totals["loss_sum"] / max(train_totals["n"], 1)
         metrics["rows_per_s"] = train_totals["n"] / max(train_seconds, 1e-9)

@@ -189,6 +189,10 @@ class FeHteKind(Kind):
         ds = read_parquet(prepared.path, plugin.columns, train=train)
         datasets = split_datasets(ds, self.split_key(spec), spec.train.val_fraction)
         cached = cache_if_small(datasets, prepared.n_rows, len(plugin.columns), spec.data.cache)
+        # Rows that fit the object store also fit the workers: keep them there, and
+        # backfit the fixed effects on them between epochs.
+        plugin.cache_in_memory = cached
+        plugin.backfit_sweeps = spec.model.backfit_sweeps_used
         if spec.uses_exact_solver:
             self._fit_exact(spec, plugin, datasets["train"], run)
             return

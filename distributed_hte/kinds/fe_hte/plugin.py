@@ -10,6 +10,7 @@ trials on a small cluster).
 from __future__ import annotations
 
 import io
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,11 @@ class FeHtePlugin:
     # Weights training starts from (a ``state_dict`` saved by ``torch.save``); not part of
     # the bundle: the trained weights are.
     initial_state: bytes | None = None
+    # Training only (not in the bundle). With rows kept in worker memory, the fixed effects
+    # are not SGD parameters: after every epoch ``backfit_sweeps`` exact Gauss-Seidel sweeps
+    # set them given the nets (backfitting). 0: SGD learns them with the nets.
+    backfit_sweeps: int = 0
+    cache_in_memory: bool = False
 
     # -- bundle ------------------------------------------------------------------------
     def to_config(self) -> dict[str, Any]:
@@ -88,14 +94,87 @@ class FeHtePlugin:
         )
 
     # -- TrainPlugin -------------------------------------------------------------------
+    @property
+    def backfits(self) -> bool:
+        """Whether :meth:`after_epoch` sets the fixed effects (they then take no SGD steps)."""
+        return self.backfit_sweeps > 0 and self.cache_in_memory
+
     def param_groups(self, model: torch.nn.Module) -> list[dict[str, Any]]:
         """Optimizer groups: embeddings get ``lr_scale`` = the fixed-effect multiplier."""
-        fe = [p for n, p in model.named_parameters() if n.startswith("fixed_effects.")]
-        rest = [p for n, p in model.named_parameters() if not n.startswith("fixed_effects.")]
-        return [
-            {"params": rest, "lr_scale": 1.0},
-            {"params": fe, "lr_scale": self.fixed_effect_lr_multiplier},
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        fe = [p for n, p in named if n.startswith("fixed_effects.")]
+        rest = [p for n, p in named if not n.startswith("fixed_effects.")]
+        groups = [{"params": rest, "lr_scale": 1.0}]
+        if fe:
+            groups.append({"params": fe, "lr_scale": self.fixed_effect_lr_multiplier})
+        return groups
+
+    def after_epoch(
+        self,
+        model: torch.nn.Module,
+        rows: dict[str, np.ndarray] | None,
+        all_reduce: Any,
+    ) -> dict[str, float]:
+        """Backfitting: the fixed effects that best fit ``y − β(x)·T − g(x)`` given the nets.
+
+        ``rows``: this worker's training rows (column → ``(n,)`` array); ``all_reduce``:
+        ``(k,) float64 → (k,)`` summed over workers. Gauss-Seidel from the current effects:
+        per family, each id's effect is the mean residual of its rows after the other
+        families; ``backfit_sweeps`` sweeps over the families. Every rank computes the same
+        numbers from all-reduced sums, so the DDP replicas stay equal. Each family ends
+        with zero mean over its ids seen in training, the intercept taking the shift (as
+        :meth:`FixedEffectsHTE.normalize_`). Returns metrics for the epoch's record.
+        """
+        if not self.backfits or rows is None:
+            return {}
+        t0 = time.perf_counter()
+        device = next(model.parameters()).device
+        n = len(rows[self.treatment])
+        resid = np.empty(n, dtype=np.float64)
+        ids = np.empty((n, len(self.fixed_effects)), dtype=np.int64)
+        chunk = 65_536
+        with torch.no_grad():
+            for lo in range(0, n, chunk):
+                part = {k: v[lo : lo + chunk] for k, v in rows.items()}
+                b = self.to_tensors(part, device)
+                nets = model.beta(b["x_beta"]) * b["t"] + model.g(b["x_g"])
+                resid[lo : lo + chunk] = part[self.outcome] - nets.double().cpu().numpy()
+                ids[lo : lo + chunk] = b["ids"].cpu().numpy()
+        families = range(ids.shape[1])
+        effects = [emb.weight[:, 0].detach().double().cpu().numpy() for emb in model.fixed_effects]
+        effects[0] = effects[0] + float(model.intercept.detach())  # family 0 carries the level
+        counts = [
+            all_reduce(np.bincount(ids[:, f], minlength=len(effects[f])).astype(np.float64))
+            for f in families
         ]
+        fitted = sum(effects[f][ids[:, f]] for f in families)
+        change = 0.0
+        for _ in range(self.backfit_sweeps):
+            change = 0.0
+            for f in families:
+                fitted -= effects[f][ids[:, f]]
+                sums = all_reduce(
+                    np.bincount(ids[:, f], weights=resid - fitted, minlength=len(effects[f]))
+                )
+                new = np.where(counts[f] > 0, sums / np.maximum(counts[f], 1.0), 0.0)
+                change = max(change, float(np.max(np.abs(new - effects[f]), initial=0.0)))
+                effects[f] = new
+                fitted += effects[f][ids[:, f]]
+        intercept = 0.0
+        for f in families:
+            seen = counts[f] > 0
+            shift = float(effects[f][seen].mean()) if seen.any() else 0.0
+            effects[f] = np.where(seen, effects[f] - shift, 0.0)
+            intercept += shift
+        with torch.no_grad():
+            model.intercept.fill_(intercept)
+            for emb, e in zip(model.fixed_effects, effects, strict=True):
+                emb.weight[:, 0] = torch.as_tensor(e, dtype=emb.weight.dtype, device=device)
+        return {
+            "backfit_seconds": time.perf_counter() - t0,
+            # Largest change of an effect in the last sweep: how far from the fixed point.
+            "backfit_last_sweep_change": change,
+        }
 
     @property
     def columns(self) -> list[str]:
@@ -125,6 +204,11 @@ class FeHtePlugin:
                 io.BytesIO(self.initial_state), map_location="cpu", weights_only=True
             )
             model.load_state_dict(state)
+        if self.backfits:
+            # Set by after_epoch, not by the optimizer (and not in the gradient test).
+            model.intercept.requires_grad_(False)
+            for emb in model.fixed_effects:
+                emb.weight.requires_grad_(False)
         return model
 
     def encode_ids(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

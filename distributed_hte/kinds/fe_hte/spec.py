@@ -37,6 +37,24 @@ class FeHteModelSpec(StrictModel):
         "what is not linear); random: nets at their random start, fixed effects at zero; "
         "auto: linear",
     )
+    backfit_sweeps: int | None = Field(
+        None,
+        ge=0,
+        description="sgd, when the training rows fit in memory (data.cache): after every "
+        "epoch, this many exact Gauss-Seidel sweeps set the fixed effects given the nets "
+        "(backfitting) and SGD trains the nets only; 0: SGD learns the fixed effects with "
+        "the nets (always so for data too large to cache); null: 10 with a nonlinear net, "
+        "0 with linear nets (joint SGD lands within 0.002 of feols there, while backfitting "
+        "locks in the SGD noise of a coefficient whose feature is constant within an id)",
+    )
+
+    @property
+    def backfit_sweeps_used(self) -> int:
+        """``backfit_sweeps``, with null resolved (see its description)."""
+        if self.backfit_sweeps is not None:
+            return self.backfit_sweeps
+        return 0 if self.is_linear else 10
+
     finish_fixed_effects: bool = Field(
         True,
         description="sgd: after training, solve the fixed effects and intercept exactly given "

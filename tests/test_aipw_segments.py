@@ -155,6 +155,25 @@ def test_joint_critical_value_is_the_multiplier_bootstrap_quantile():
     assert est.joint_critical_value(1, 0.95) == pytest.approx(1.959964, abs=1e-6)
 
 
+def test_skewness_from_sums_and_the_skew_corrected_joint_band():
+    rng = np.random.default_rng(4)
+    x = rng.exponential(size=5_000) ** 2  # strongly right-skewed, as ψ with rare events
+    n, s, ss, s3 = len(x), x.sum(), (x**2).sum(), (x**3).sum()
+    gamma = est.skewness(np.array([n]), np.array([s]), np.array([ss]), np.array([s3]))[0]
+    assert gamma == pytest.approx(np.mean((x - x.mean()) ** 3) / x.std(ddof=1) ** 3, rel=1e-9)
+    theta, se = np.array([x.mean()]), np.array([x.std(ddof=1) / np.sqrt(n)])
+    lo, hi = est.skew_corrected_band(theta, se, np.array([n]), np.array([gamma]), 2.5)
+    # Hall's g at the band's ends is ∓crit: the band inverts the transformation.
+    c, shift = gamma / (3 * np.sqrt(n)), gamma / (6 * np.sqrt(n))
+    for end, target in ((lo, 2.5), (hi, -2.5)):
+        t = (theta - end) / se
+        assert t + c * t**2 + c**2 * t**3 / 3 + shift == pytest.approx(target, abs=1e-9)
+    # Right skew: longer above the estimate than below; no skew: θ ± crit·se.
+    assert (hi - theta)[0] > (theta - lo)[0]
+    lo0, hi0 = est.skew_corrected_band(theta, se, np.array([n]), np.array([0.0]), 2.5)
+    np.testing.assert_allclose([lo0[0], hi0[0]], [theta[0] - 2.5 * se[0], theta[0] + 2.5 * se[0]])
+
+
 def test_adjusted_p_values_equal_statsmodels():
     from statsmodels.stats.multitest import multipletests
 
@@ -373,12 +392,19 @@ def test_equals_doubleml_irm_and_gate_with_our_predictions(fitted):
         assert se[name] == pytest.approx(
             row.standard_error * np.sqrt((row.rows - 1) / row.rows), rel=1e-6
         )
-    # joint band: DoubleML's bootstrap critical value vs our closed form (Monte Carlo error)
+    # joint band: DoubleML's bootstrap critical value vs our closed form (Monte Carlo
+    # error); our band applies it to the skewness-corrected studentized mean.
     np.random.seed(0)
     joint = gate.confint(level=0.95, joint=True, n_rep_boot=20_000)
-    ours_width = (cat.ci_joint_upper - cat.ci_joint_lower).to_numpy()
-    theirs = (joint["97.5 %"] - joint["2.5 %"]).rename(lambda s: s.replace("Group_", ""))
-    np.testing.assert_allclose(theirs[cat.index].to_numpy() / ours_width, 1, atol=0.02)
+    half = ((joint["97.5 %"] - joint["2.5 %"]) / 2).rename(lambda s: s.replace("Group_", ""))
+    crit = est.joint_critical_value(len(cat), 0.95)
+    np.testing.assert_allclose(half[cat.index] / se[cat.index] / crit, 1, atol=0.02)
+    lower, upper = est.skew_corrected_band(
+        cat.dr_lift.to_numpy(), cat.standard_error.to_numpy(), cat.rows.to_numpy(),
+        cat.skewness.to_numpy(), crit,
+    )  # fmt: skip
+    np.testing.assert_allclose(cat.ci_joint_lower, lower, rtol=1e-12)
+    np.testing.assert_allclose(cat.ci_joint_upper, upper, rtol=1e-12)
 
 
 @pytest.mark.slow  # six sklearn pipeline fits on 40k rows: about 30 s on a loaded machine

@@ -440,7 +440,9 @@ def test_close_to_doubleml_with_its_own_logistic_nuisances_on_our_folds(fitted):
     assert abs(irm.coef[0] - ours["estimate"]) < DOUBLEML_OWN_SE * ours["se"]
 
 
-def _bad(tmp: Path, df: pd.DataFrame, **data_extra) -> tuple[Path, Path]:
+def _bad(
+    tmp: Path, df: pd.DataFrame, segments: list | None = None, **data_extra
+) -> tuple[Path, Path]:
     folder = tmp / "bad"
     if folder.exists():
         shutil.rmtree(folder)
@@ -452,7 +454,7 @@ def _bad(tmp: Path, df: pd.DataFrame, **data_extra) -> tuple[Path, Path]:
         "kind": "aipw_segments",
         "data": {"path": str(folder), "key": "id", "treatment": "t", "outcome": "y",
                  "numeric_features": ["x"], "categorical_features": ["c"], **data_extra},
-        "segments": [{"column": "x", "bins": [0, 1, 2]}],
+        "segments": segments or [{"column": "x", "bins": [0, 1, 2]}],
         "outputs": {"dir": str(tmp / "runs")},
     }  # fmt: skip
     path = tmp / "bad.yaml"
@@ -484,6 +486,8 @@ def _frame(n=400, seed=0) -> pd.DataFrame:
         ("outcome NaN", "NaN"),
         ("no treated", "no treated rows"),
         ("outside bins", "outside every bin"),
+        ("segment column missing", "no column 'region'"),
+        ("duplicate key", r"'id' \(named by data.key\) must identify rows.+13 \(2 rows\)"),
     ],
 )
 def test_bad_data_exits_2_and_writes_nothing(ray_session, tmp_path, case, match):
@@ -508,7 +512,10 @@ def test_bad_data_exits_2_and_writes_nothing(ray_session, tmp_path, case, match)
         df.loc[7, "y"] = np.nan
     elif case == "outside bins":
         df.loc[3, "x"] = 2.5
-    spec, runs = _bad(tmp_path, df)
+    elif case == "duplicate key":
+        df.loc[200, "id"] = 13
+    segments = [{"column": "region"}] if case == "segment column missing" else None
+    spec, runs = _bad(tmp_path, df, segments=segments)
     if case in ("missing column", "empty"):
         out = subprocess.run(
             [sys.executable, "-m", "distributed_hte.cli", "run", str(spec)],
@@ -524,6 +531,26 @@ def test_bad_data_exits_2_and_writes_nothing(ray_session, tmp_path, case, match)
 
 
 # ----------------------------------------------------------------------------- slow tier
+
+
+@pytest.mark.slow  # Ray Data's hash shuffle: tens of seconds even for a few rows
+def test_a_repeated_key_is_found_by_the_distributed_check_too(ray_session, tmp_path):
+    """Above ``KEY_CHECK_IN_DRIVER_ROWS`` the key check is a Ray Data groupby; the same
+    answer as the driver's count (forced here on a small table)."""
+    from distributed_hte.errors import DataError
+    from distributed_hte.kinds.aipw_segments import KEY_CHECK_IN_DRIVER_ROWS, check_unique_key
+
+    df = _frame(n=3_000)
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    df.iloc[:1500].to_parquet(folder / "part-0.parquet")
+    df.iloc[1500:].assign(id=lambda f: f["id"].where(f.index != 2999, 7)).to_parquet(
+        folder / "part-1.parquet"
+    )
+    for n_rows in (len(df), KEY_CHECK_IN_DRIVER_ROWS + 1):
+        with pytest.raises(DataError, match=r"e\.g\. 7 \(2 rows\)"):
+            check_unique_key(str(folder), "id", n_rows)
+    check_unique_key(str(folder / "part-0.parquet"), "id", KEY_CHECK_IN_DRIVER_ROWS + 1)
 
 
 @pytest.mark.slow

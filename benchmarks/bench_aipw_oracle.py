@@ -35,6 +35,11 @@ def main() -> None:
     ap.add_argument("--clip", type=float, default=0.01)
     ap.add_argument("--seed", type=int, default=123)
     ap.add_argument("--truth-rows", type=int, default=2_000_000)
+    ap.add_argument(
+        "--same-tables-as-coverage",
+        action="store_true",
+        help="draw replication r's table as bench_aipw_coverage.py does (same seed: same rows)",
+    )
     ap.add_argument("--out", default="aipw_oracle_coverage.json")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -47,7 +52,10 @@ def main() -> None:
     hits = {k: {"pointwise": [], "joint_symmetric": [], "joint_skew_corrected": []} for k in truth}
     clipped = []
     for r in range(args.replications):
-        rng = np.random.default_rng([11, r])
+        if args.same_tables_as_coverage:  # simulate_chunk's stream, draw for draw
+            rng = np.random.default_rng(np.random.SeedSequence(cfg.seed, spawn_key=(1, r)))
+        else:
+            rng = np.random.default_rng([11, r])
         d = sim._draw(cfg, rng, args.rows)
         t = (rng.random(args.rows) < d["e"]).astype(float)
         y = (rng.random(args.rows) < np.where(t == 1, d["p1"], d["p0"])).astype(float)
@@ -70,7 +78,8 @@ def main() -> None:
     result = {
         "command": f"python benchmarks/bench_aipw_oracle.py --replications {args.replications} "
         f"--rows {args.rows} --clip {args.clip} --seed {args.seed} "
-        f"--truth-rows {args.truth_rows} --out {args.out}",
+        f"--truth-rows {args.truth_rows}"
+        f"{' --same-tables-as-coverage' if args.same_tables_as_coverage else ''} --out {args.out}",
         "seconds": round(time.perf_counter() - t0, 1),
         "share_clipped": float(np.mean(clipped)),
         "segmentations": {

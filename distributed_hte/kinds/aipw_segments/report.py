@@ -110,6 +110,8 @@ def segment_tables(
             "filtered_out": int((~keep & (n > 0)).sum()),
             "rows": int(total_rows),
             "joint_critical_value": crit,
+            "joint_band": "max-|t| critical value applied to each segment's studentized mean "
+            "after Hall's (1992) skewness correction",
             "equal_effects_wald": est.equal_effects_wald(theta, se),
             "treat_positive_joint_lower_bound": {
                 "segments": frame.loc[chosen, "segment"].tolist(),

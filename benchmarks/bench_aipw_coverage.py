@@ -46,7 +46,9 @@ def fit_models(design, blk, C: float = 1.0, tol: float = 1e-9, max_iter: int = 5
     return betas
 
 
-def replicate(r: int, n: int, seed: int, population: dict, limits: dict) -> dict:
+def replicate(
+    r: int, n: int, seed: int, population: dict, limits: dict, outcome_model: str = "pooled"
+) -> dict:
     from distributed_hte.estimators import aipw as est
     from distributed_hte.estimators.crossfit import hash_unit, stratified_cuts, unit_histogram
     from distributed_hte.kinds.aipw_segments import fit_encoders
@@ -80,7 +82,7 @@ def replicate(r: int, n: int, seed: int, population: dict, limits: dict) -> dict
     design = Design(
         key="impression_id", treatment="is_top_3", outcome="clicked", numeric=numeric,
         categorical=["category", "subcategory"], n_folds=3, fold_salt=0, fold_cuts=cuts,
-        fold_column=None, encoders=[], outcome_model="pooled", link="logit", segments=segments,
+        fold_column=None, encoders=[], outcome_model=outcome_model, link="logit", segments=segments,
     )  # fmt: skip
     lo = np.array([float(np.min(batch[c])) for c in numeric])
     hi = np.array([float(np.max(batch[c])) for c in numeric])
@@ -90,7 +92,7 @@ def replicate(r: int, n: int, seed: int, population: dict, limits: dict) -> dict
     sums = merge_pickled(
         [{"sums": score_block(batch, design, betas, 0.01, tau="tau_true")["sums"][0]}], "sums"
     )
-    table, _, _ = rep.segment_tables(design.segments, sums["segments"], 0.95)
+    table, _, per = rep.segment_tables(design.segments, sums["segments"], 0.95)
     glob = rep.global_effects(sums["global"], 0.95)
     naive = rep.naive_effect(sums["global"])
     pop = population["segments"]
@@ -109,6 +111,11 @@ def replicate(r: int, n: int, seed: int, population: dict, limits: dict) -> dict
                 "hi": row.ci_upper,
                 "jlo": row.ci_joint_lower,
                 "jhi": row.ci_joint_upper,
+                # the symmetric band θ ± crit·se (no skewness correction), for comparison
+                "jlo_sym": row.dr_lift
+                - per[row.segment_col]["joint_critical_value"] * row.standard_error,
+                "jhi_sym": row.dr_lift
+                + per[row.segment_col]["joint_critical_value"] * row.standard_error,
                 "sample_truth": row.true_effect,
                 "population_truth": row.population_truth,
             }
@@ -126,7 +133,8 @@ def summarise(reps: list[dict], population: dict) -> dict:
         d = df.dropna(subset=[truth])
         cov = (d.lo <= d[truth]) & (d[truth] <= d.hi)
         jcov = (d.jlo <= d[truth]) & (d[truth] <= d.jhi)
-        d = d.assign(cov=cov, jcov=jcov)
+        jsym = (d.jlo_sym <= d[truth]) & (d[truth] <= d.jhi_sym)
+        d = d.assign(cov=cov, jcov=jcov, jsym=jsym)
         by_segment = d.groupby(["segment_col", "segment"]).agg(
             coverage=("cov", "mean"), mean_se=("se", "mean"), sd_estimate=("dr_lift", "std"),
             replications=("cov", "size"),
@@ -145,6 +153,17 @@ def summarise(reps: list[dict], population: dict) -> dict:
             .groupby("segment_col")
             .mean()
             .to_dict(),
+            "joint_symmetric_by_segmentation": d.groupby(["segment_col", "replication"])["jsym"]
+            .all()
+            .groupby("segment_col")
+            .mean()
+            .to_dict(),
+            "joint_width_over_symmetric_median": (
+                ((d.jhi - d.jlo) / (d.jhi_sym - d.jlo_sym))
+                .groupby(d.segment_col)
+                .median()
+                .to_dict()
+            ),
             "mean_bias_in_se": float(((d.dr_lift - d[truth]) / d.se).mean()),
         }
     ate = population["ate"]
@@ -177,6 +196,7 @@ def main() -> None:
     ap.add_argument("--min-rows", type=int, default=1, help="the kind's size filters")
     ap.add_argument("--min-treated", type=int, default=1)
     ap.add_argument("--min-control", type=int, default=1)
+    ap.add_argument("--outcome-model", default="pooled", choices=["pooled", "by_arm"])
     ap.add_argument("--out", default="aipw_coverage.json")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -192,13 +212,16 @@ def main() -> None:
         "min_control": args.min_control,
     }
     reps = ray.get(
-        [task.remote(r, args.rows, args.seed, pop_ref, limits) for r in range(args.replications)]
+        [
+            task.remote(r, args.rows, args.seed, pop_ref, limits, args.outcome_model)
+            for r in range(args.replications)
+        ]
     )
     result = {
         "command": f"python benchmarks/bench_aipw_coverage.py --replications {args.replications} "
         f"--rows {args.rows} --seed {args.seed} --truth-rows {args.truth_rows} "
         f"--min-rows {args.min_rows} --min-treated {args.min_treated} "
-        f"--min-control {args.min_control} --out {args.out}",
+        f"--min-control {args.min_control} --outcome-model {args.outcome_model} --out {args.out}",
         "rows": args.rows,
         "seconds": round(time.perf_counter() - t0, 1),
         **summarise(reps, population),

@@ -155,6 +155,25 @@ def test_joint_critical_value_is_the_multiplier_bootstrap_quantile():
     assert est.joint_critical_value(1, 0.95) == pytest.approx(1.959964, abs=1e-6)
 
 
+def test_skewness_from_sums_and_the_skew_corrected_joint_band():
+    rng = np.random.default_rng(4)
+    x = rng.exponential(size=5_000) ** 2  # strongly right-skewed, as ψ with rare events
+    n, s, ss, s3 = len(x), x.sum(), (x**2).sum(), (x**3).sum()
+    gamma = est.skewness(np.array([n]), np.array([s]), np.array([ss]), np.array([s3]))[0]
+    assert gamma == pytest.approx(np.mean((x - x.mean()) ** 3) / x.std(ddof=1) ** 3, rel=1e-9)
+    theta, se = np.array([x.mean()]), np.array([x.std(ddof=1) / np.sqrt(n)])
+    lo, hi = est.skew_corrected_band(theta, se, np.array([n]), np.array([gamma]), 2.5)
+    # Hall's g at the band's ends is ∓crit: the band inverts the transformation.
+    c, shift = gamma / (3 * np.sqrt(n)), gamma / (6 * np.sqrt(n))
+    for end, target in ((lo, 2.5), (hi, -2.5)):
+        t = (theta - end) / se
+        assert t + c * t**2 + c**2 * t**3 / 3 + shift == pytest.approx(target, abs=1e-9)
+    # Right skew: longer above the estimate than below; no skew: θ ± crit·se.
+    assert (hi - theta)[0] > (theta - lo)[0]
+    lo0, hi0 = est.skew_corrected_band(theta, se, np.array([n]), np.array([0.0]), 2.5)
+    np.testing.assert_allclose([lo0[0], hi0[0]], [theta[0] - 2.5 * se[0], theta[0] + 2.5 * se[0]])
+
+
 def test_adjusted_p_values_equal_statsmodels():
     from statsmodels.stats.multitest import multipletests
 
@@ -373,12 +392,19 @@ def test_equals_doubleml_irm_and_gate_with_our_predictions(fitted):
         assert se[name] == pytest.approx(
             row.standard_error * np.sqrt((row.rows - 1) / row.rows), rel=1e-6
         )
-    # joint band: DoubleML's bootstrap critical value vs our closed form (Monte Carlo error)
+    # joint band: DoubleML's bootstrap critical value vs our closed form (Monte Carlo
+    # error); our band applies it to the skewness-corrected studentized mean.
     np.random.seed(0)
     joint = gate.confint(level=0.95, joint=True, n_rep_boot=20_000)
-    ours_width = (cat.ci_joint_upper - cat.ci_joint_lower).to_numpy()
-    theirs = (joint["97.5 %"] - joint["2.5 %"]).rename(lambda s: s.replace("Group_", ""))
-    np.testing.assert_allclose(theirs[cat.index].to_numpy() / ours_width, 1, atol=0.02)
+    half = ((joint["97.5 %"] - joint["2.5 %"]) / 2).rename(lambda s: s.replace("Group_", ""))
+    crit = est.joint_critical_value(len(cat), 0.95)
+    np.testing.assert_allclose(half[cat.index] / se[cat.index] / crit, 1, atol=0.02)
+    lower, upper = est.skew_corrected_band(
+        cat.dr_lift.to_numpy(), cat.standard_error.to_numpy(), cat.rows.to_numpy(),
+        cat.skewness.to_numpy(), crit,
+    )  # fmt: skip
+    np.testing.assert_allclose(cat.ci_joint_lower, lower, rtol=1e-12)
+    np.testing.assert_allclose(cat.ci_joint_upper, upper, rtol=1e-12)
 
 
 @pytest.mark.slow  # six sklearn pipeline fits on 40k rows: about 30 s on a loaded machine
@@ -414,7 +440,9 @@ def test_close_to_doubleml_with_its_own_logistic_nuisances_on_our_folds(fitted):
     assert abs(irm.coef[0] - ours["estimate"]) < DOUBLEML_OWN_SE * ours["se"]
 
 
-def _bad(tmp: Path, df: pd.DataFrame, **data_extra) -> tuple[Path, Path]:
+def _bad(
+    tmp: Path, df: pd.DataFrame, segments: list | None = None, **data_extra
+) -> tuple[Path, Path]:
     folder = tmp / "bad"
     if folder.exists():
         shutil.rmtree(folder)
@@ -426,7 +454,7 @@ def _bad(tmp: Path, df: pd.DataFrame, **data_extra) -> tuple[Path, Path]:
         "kind": "aipw_segments",
         "data": {"path": str(folder), "key": "id", "treatment": "t", "outcome": "y",
                  "numeric_features": ["x"], "categorical_features": ["c"], **data_extra},
-        "segments": [{"column": "x", "bins": [0, 1, 2]}],
+        "segments": segments or [{"column": "x", "bins": [0, 1, 2]}],
         "outputs": {"dir": str(tmp / "runs")},
     }  # fmt: skip
     path = tmp / "bad.yaml"
@@ -458,6 +486,8 @@ def _frame(n=400, seed=0) -> pd.DataFrame:
         ("outcome NaN", "NaN"),
         ("no treated", "no treated rows"),
         ("outside bins", "outside every bin"),
+        ("segment column missing", "no column 'region'"),
+        ("duplicate key", r"'id' \(named by data.key\) must identify rows.+13 \(2 rows\)"),
     ],
 )
 def test_bad_data_exits_2_and_writes_nothing(ray_session, tmp_path, case, match):
@@ -482,7 +512,10 @@ def test_bad_data_exits_2_and_writes_nothing(ray_session, tmp_path, case, match)
         df.loc[7, "y"] = np.nan
     elif case == "outside bins":
         df.loc[3, "x"] = 2.5
-    spec, runs = _bad(tmp_path, df)
+    elif case == "duplicate key":
+        df.loc[200, "id"] = 13
+    segments = [{"column": "region"}] if case == "segment column missing" else None
+    spec, runs = _bad(tmp_path, df, segments=segments)
     if case in ("missing column", "empty"):
         out = subprocess.run(
             [sys.executable, "-m", "distributed_hte.cli", "run", str(spec)],
@@ -498,6 +531,26 @@ def test_bad_data_exits_2_and_writes_nothing(ray_session, tmp_path, case, match)
 
 
 # ----------------------------------------------------------------------------- slow tier
+
+
+@pytest.mark.slow  # Ray Data's hash shuffle: tens of seconds even for a few rows
+def test_a_repeated_key_is_found_by_the_distributed_check_too(ray_session, tmp_path):
+    """Above ``KEY_CHECK_IN_DRIVER_ROWS`` the key check is a Ray Data groupby; the same
+    answer as the driver's count (forced here on a small table)."""
+    from distributed_hte.errors import DataError
+    from distributed_hte.kinds.aipw_segments import KEY_CHECK_IN_DRIVER_ROWS, check_unique_key
+
+    df = _frame(n=3_000)
+    folder = tmp_path / "keys"
+    folder.mkdir()
+    df.iloc[:1500].to_parquet(folder / "part-0.parquet")
+    df.iloc[1500:].assign(id=lambda f: f["id"].where(f.index != 2999, 7)).to_parquet(
+        folder / "part-1.parquet"
+    )
+    for n_rows in (len(df), KEY_CHECK_IN_DRIVER_ROWS + 1):
+        with pytest.raises(DataError, match=r"e\.g\. 7 \(2 rows\)"):
+            check_unique_key(str(folder), "id", n_rows)
+    check_unique_key(str(folder / "part-0.parquet"), "id", KEY_CHECK_IN_DRIVER_ROWS + 1)
 
 
 @pytest.mark.slow

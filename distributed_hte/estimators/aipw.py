@@ -18,6 +18,17 @@ with covariance diag(σ̂²_g/n_g), because the segments of one segmentation are
 disjoint. The max-|t| over G independent standard normals has the closed-form quantile
 ``Φ⁻¹((1 + level^(1/G)) / 2)``: the bootstrap's critical value without its Monte Carlo
 error, computed from the per-segment sums alone.
+
+That Gaussian critical value is only as good as the normal approximation of each
+segment's studentized mean in its tails (the 1 − (1 − level)/(2G) quantile). With rare
+treatment and rare outcomes ψ is strongly right-skewed (a treated click weighs 1/ê), so
+the studentized mean is left-skewed, its tails are not normal, and a band that needs
+every segment covered at once under-covers even with the true nuisances (measured:
+``benchmarks/README.md``, aipw_segments coverage). The joint band therefore uses Hall's
+(1992) monotone skewness-removing transformation of the studentized mean,
+``g(T) = T + cT² + c²T³/3 + γ̂/(6√n)`` with ``c = γ̂/(3√n)`` and γ̂ the sample skewness of
+ψ in the segment (from Σψ³), whose distribution is N(0, 1) up to O(1/n) instead of
+O(1/√n); the band is ``{θ: |g((θ̂ − θ)/se)| ≤ crit}``, longer on the side of the skew.
 """
 
 from __future__ import annotations
@@ -104,6 +115,38 @@ def mean_se(n: np.ndarray, s: np.ndarray, ss: np.ndarray) -> tuple[np.ndarray, n
     mean = s / np.maximum(n, 1.0)
     var = np.maximum(ss - n * mean**2, 0.0) / np.maximum(n - 1.0, 1.0)
     return mean, np.sqrt(var / np.maximum(n, 1.0))
+
+
+def skewness(n: np.ndarray, s: np.ndarray, ss: np.ndarray, s3: np.ndarray) -> np.ndarray:
+    """Sample skewness ``m3 / sd³`` (``sd`` with ddof=1, as the SE) from count, Σx, Σx², Σx³."""
+    n = np.maximum(np.asarray(n, dtype=np.float64), 1.0)
+    mean = s / n
+    var = np.maximum(ss - n * mean**2, 0.0) / np.maximum(n - 1.0, 1.0)
+    m3 = s3 / n - 3.0 * mean * ss / n + 2.0 * mean**3
+    sd3 = var**1.5
+    return np.where(sd3 > 0, m3 / np.where(sd3 > 0, sd3, 1.0), 0.0)
+
+
+def skew_corrected_band(
+    theta: np.ndarray, se: np.ndarray, n: np.ndarray, gamma: np.ndarray, crit: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(lower, upper)`` of ``{θ: |g((θ̂ − θ)/se)| ≤ crit}`` with Hall's (1992) transformation
+    ``g(T) = T + cT² + c²T³/3 + γ/(6√n)``, ``c = γ/(3√n)`` (monotone: g' = (1 + cT)²).
+
+    ``theta``, ``se``, ``n`` rows and ``gamma`` skewness per segment ``(G,)``; with γ = 0 it
+    is ``θ̂ ± crit·se``.
+    """
+    root_n = np.sqrt(np.maximum(np.asarray(n, dtype=np.float64), 1.0))
+    c = gamma / (3.0 * root_n)
+    shift = gamma / (6.0 * root_n)
+
+    def g_inverse(x: float) -> np.ndarray:
+        u = x - shift
+        tiny = np.abs(c) < 1e-12
+        c_safe = np.where(tiny, 1.0, c)
+        return np.where(tiny, u, (np.cbrt(1.0 + 3.0 * c_safe * u) - 1.0) / c_safe)
+
+    return theta - se * g_inverse(crit), theta - se * g_inverse(-crit)
 
 
 def joint_critical_value(n_segments: int, level: float) -> float:

@@ -186,6 +186,7 @@ class AipwSegmentsKind(Kind):
         if n == 0:
             raise DataError(f"the dataset at {d.path} is empty (0 rows); nothing to estimate")
         self._check_values(spec, scan, n)
+        check_unique_key(d.path, d.key, n)
         n_t = int(sum(s["n_t"] for s in scan))
         link = "logit" if sum(s["y_nonbinary"] for s in scan) == 0 else "identity"
         cuts = None
@@ -601,6 +602,48 @@ class AipwSegmentsKind(Kind):
             fn_kwargs={"design": design, "betas": betas, "clip": float(bundle.config["clip"])},
         )
         return write_predictions(scored, out_path)
+
+
+# Up to this many rows the key column is checked in the driver (8 bytes a row: 40 MB);
+# above it by a Ray Data shuffle, in partitions of this many rows.
+KEY_CHECK_IN_DRIVER_ROWS = 5_000_000
+
+
+def check_unique_key(path: str, key: str, n_rows: int, examples: int = 3) -> None:
+    """``data.key`` must identify rows: its hash places a row in its fold, and per-row
+    scores are keyed by it. A duplicated key would put copies of a row in one fold and
+    make ``scores.parquet`` ambiguous, so it is an error (exit 2). Exact either way: a
+    small table's key column is counted in the driver (pyarrow ``value_counts``); a large
+    one by Ray Data's hash-shuffled ``groupby(key).count()`` (the key column only, in
+    partitions of ``KEY_CHECK_IN_DRIVER_ROWS`` rows), so memory stays flat in rows. The
+    shuffle costs tens of seconds even for a few rows, hence the driver path."""
+    if n_rows <= KEY_CHECK_IN_DRIVER_ROWS:
+        import pyarrow.compute as pc
+
+        from distributed_hte.data.schema import open_dataset
+
+        column = open_dataset(path).to_table(columns=[key]).column(key)
+        counts = pc.value_counts(column)
+        values, n = counts.field("values"), counts.field("counts")
+        repeated = pc.filter(values, pc.greater(n, 1))
+        dup = [
+            {key: v, "count()": c}
+            for v, c in zip(
+                repeated.to_pylist()[:examples],
+                pc.filter(n, pc.greater(n, 1)).to_pylist()[:examples],
+                strict=True,
+            )
+        ]
+    else:
+        partitions = -(-n_rows // KEY_CHECK_IN_DRIVER_ROWS)
+        counts = read_parquet(path, [key]).groupby(key, num_partitions=partitions).count()
+        dup = counts.filter(lambda row: row["count()"] > 1).take(examples)
+    if dup:
+        shown = ", ".join(f"{row[key]!r} ({row['count()']} rows)" for row in dup)
+        raise DataError(
+            f"column {key!r} (named by data.key) must identify rows, but some values repeat, "
+            f"e.g. {shown}; deduplicate the rows, or name a unique column as data.key"
+        )
 
 
 def _num(x: float) -> str:

@@ -44,7 +44,7 @@ MAX_QUANTILE_VALUES = 200_000  # distinct values a quantile segmentation counts 
 # Per-segment sums, in this order (one column of a (segments, STATS) array).
 STATS = (
     "n", "n_t", "sy_t", "sy_c", "syy_t", "syy_c", "spsi", "spsi2", "n_clip", "se_t", "se_c",
-    "s_tau", "n_tau",
+    "s_tau", "n_tau", "spsi3",
 )  # fmt: skip
 _S = {name: i for i, name in enumerate(STATS)}
 RESULT_FILE = "nuisance.npz"
@@ -569,6 +569,7 @@ def score_block(
     cols[:, _S["syy_c"]] = (1 - t) * y * y
     cols[:, _S["spsi"]] = psi
     cols[:, _S["spsi2"]] = psi * psi
+    cols[:, _S["spsi3"]] = psi * psi * psi
     cols[:, _S["n_clip"]] = clipped
     cols[:, _S["se_t"]] = t * e
     cols[:, _S["se_c"]] = (1 - t) * e

@@ -23,6 +23,8 @@ class MmmPlugin:
 
     model: MmmConfig
     columns: tuple[str, ...] = ("region", "week", "media", "controls", "y", "mask")
+    # A panel is small: keep each worker's regions in memory after the first epoch.
+    cache_in_memory: bool = True
 
     def to_config(self) -> dict[str, Any]:
         return {"model": self.model.to_dict()}

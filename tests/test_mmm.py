@@ -194,6 +194,8 @@ def _bad_case(name: str, df: pd.DataFrame) -> pd.DataFrame:
         df.loc[df.index[0], "week"] = df.loc[df.index[0], "week"] + pd.Timedelta(days=2)
     elif name == "missing column":
         df = df.drop(columns=["price"])
+    elif name == "missing KPI column":
+        df = df.drop(columns=["sales"])
     elif name == "NaN in media":
         df.loc[df.index[5], "search"] = np.nan
     elif name == "NaN in KPI":
@@ -209,8 +211,9 @@ BAD = {
     "always-zero channel": "zero on every row",
     "unparseable week": "does not parse",
     "weeks not weekly": "not on a weekly grid",
-    "missing column": "no column(s) ['price']",
-    "NaN in media": "null, NaN or infinite",
+    "missing column": "no column 'price' (named by data.controls)",
+    "missing KPI column": "no column(s) ['sales'] (named by data.kpi)",
+    "NaN in media": "null",  # pandas writes NaN as a parquet null: the metadata check finds it
     "NaN in KPI": "null, NaN or infinite",
     "duplicate region-week": "more than one row",
 }

@@ -95,9 +95,20 @@ class MmmKind(Kind):
         return spec.simulate.config(), sim.simulate_mmm
 
     # -- check / prepare --------------------------------------------------------------
-    def check(self, spec: MmmSpec) -> None:
-        # The panel is small: the full read in prepare is the check (nothing written yet).
-        return None
+    def requirements(self, spec: MmmSpec) -> list[Any]:
+        """Metadata checks before Ray starts. The KPI and week columns are checked in
+        prepare: a region without KPI and an unparseable week get their own messages."""
+        from distributed_hte.data.schema import ColumnRequirement
+
+        req = [ColumnRequirement(spec.data.region, "data.region", "id")]
+        req += [ColumnRequirement(c, "data.media", "numeric") for c in spec.media()]
+        req += [
+            ColumnRequirement(c, "data.spend", "numeric")
+            for ch, c in spec.spend().items()
+            if c != ch
+        ]
+        req += [ColumnRequirement(c, "data.controls", "numeric") for c in spec.controls()]
+        return req
 
     def prepare(self, spec: MmmSpec) -> MmmPrepared:
         t0 = time.perf_counter()

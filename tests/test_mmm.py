@@ -469,6 +469,7 @@ def test_evaluate_uses_the_bundles_scalers(small_run):
     m = json.loads((run / "metrics.json").read_text())
     assert math.isclose(scores["holdout_rmse"], m["holdout"]["rmse"], rel_tol=1e-9)
     assert math.isclose(scores["train_r2"], m["train"]["r2"], rel_tol=1e-9)
+    assert scores["r2"] == scores["holdout_r2"], "unprefixed figures are the holdout's"
 
 
 # ----------------------------------------------------------------------------- slow: targets

@@ -56,6 +56,7 @@ class MmmConfig:
     season_period: float = WEEKS_PER_YEAR
     hill_k_init: list[float] = field(default_factory=list)  # (C,) in scaled adstock units
     hill_slope_init: float = 1.5
+    hill_slope_min: float = 1.0
     coef_init: float = 0.1
     baseline_init: float = 0.7
     huber_delta: float = 0.3
@@ -144,7 +145,7 @@ class DeepMMM(nn.Module):
         k_init = cfg.hill_k_init or [1.0] * c
         self.hill_log_k = nn.Parameter(torch.log(torch.tensor(k_init, dtype=torch.float32)))
         self.hill_slope_raw = nn.Parameter(
-            torch.full((c,), _inv_softplus(cfg.hill_slope_init - 0.5))
+            torch.full((c,), _inv_softplus(max(cfg.hill_slope_init - cfg.hill_slope_min, 0.05)))
         )
         self.coef_raw = nn.Parameter(torch.full((c,), _inv_softplus(cfg.coef_init)))
         if cfg.adstock == "geometric":
@@ -178,8 +179,11 @@ class DeepMMM(nn.Module):
         return torch.exp(self.hill_log_k)
 
     def hill_slope(self) -> torch.Tensor:
-        # Slope ≥ 0.5: flatter curves are indistinguishable from a log and blow up at 0.
-        return F.softplus(self.hill_slope_raw) + 0.5
+        # Slope ≥ hill_slope_min (default 1): below 1 the curve's slope is infinite at zero
+        # activity, so "set the channel to zero" (its contribution) and the marginal ROI at
+        # low spend hinge on the few weeks without activity; on simulated panels with a 20 %
+        # media share that inflated small channels' ROI by 50-60 %.
+        return F.softplus(self.hill_slope_raw) + self.cfg.hill_slope_min
 
     def coef(self) -> torch.Tensor:
         return F.softplus(self.coef_raw)

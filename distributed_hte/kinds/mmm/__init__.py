@@ -156,6 +156,7 @@ class MmmKind(Kind):
             season_period=m.season_period,
             hill_k_init=prepared.hill_k_init,
             hill_slope_init=m.hill_slope_init,
+            hill_slope_min=m.hill_slope_min,
             huber_delta=m.huber_delta,
             tv_penalty=m.tv_penalty,
         )
@@ -240,8 +241,11 @@ class MmmKind(Kind):
         week = np.arange(len(panel.week_labels), dtype=np.float64)
         dec = decompose(model, scaled(panel, scalers), scalers.kpi_scale, week)
         m = panel_metrics(panel, dec["pred"])
-        return {f"{split}_{k}": v for split in ("train", "holdout") for k, v in m[split].items()
-                if not isinstance(v, dict)}  # fmt: skip
+        out = {f"{split}_{k}": v for split in ("train", "holdout") for k, v in m[split].items()
+               if not isinstance(v, dict)}  # fmt: skip
+        # Unprefixed: the holdout figures, what a retrain gate (default val_r2) compares.
+        out.update({k: v for k, v in m["holdout"].items() if not isinstance(v, dict)})
+        return out
 
     def report(
         self, spec: MmmSpec, prepared: MmmPrepared, run: RunDir, bundle: ModelBundle

@@ -41,7 +41,20 @@ class MmmModelSpec(StrictModel):
     hill_init_percentile: float = Field(
         50.0, gt=0, lt=100, description="Hill K starts at this percentile of adstocked activity"
     )
-    hill_slope_init: float = Field(1.5, gt=0.5)
+    hill_slope_init: float = Field(1.5, gt=0.1)
+    hill_slope_min: float = Field(
+        1.0,
+        gt=0,
+        description="Hill slopes below this are not allowed (1: no infinite "
+        "marginal response at zero activity)",
+    )
+
+    @model_validator(mode="after")
+    def _slopes(self) -> MmmModelSpec:
+        if self.hill_slope_init <= self.hill_slope_min:
+            raise ValueError("model.hill_slope_init must exceed model.hill_slope_min")
+        return self
+
     huber_delta: float = Field(0.3, gt=0)
     tv_penalty: float = Field(
         1.0, ge=0, description="shrinks the GRU's time variation toward a constant per channel"

@@ -60,7 +60,7 @@ class MmmConfig:
     coef_init: float = 0.1
     baseline_init: float = 0.7
     huber_delta: float = 0.3
-    tv_penalty: float = 1.0
+    tv_penalty: float = 0.1
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -16,6 +16,7 @@ runs through the gap over the real elapsed time instead of jumping it.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,7 +105,9 @@ def _week_index(values: pd.Series, dtype: pa.DataType, column: str) -> tuple[np.
         if text.str.fullmatch(r"-?\d+").all():
             return _week_index(text.astype(np.int64), pa.int64(), column)
         try:
-            dates = pd.to_datetime(text, errors="raise")
+            with warnings.catch_warnings():  # pandas' "could not infer format" for mixed text
+                warnings.simplefilter("ignore", UserWarning)
+                dates = pd.to_datetime(text, errors="raise")
         except (ValueError, TypeError) as exc:
             bad = next((s for s in text if pd.to_datetime(s, errors="coerce") is pd.NaT), text[0])
             raise DataError(

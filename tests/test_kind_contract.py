@@ -143,17 +143,36 @@ def _aipw_segments(tmp: Path) -> tuple[dict, Path]:
     return spec, out / "data"
 
 
+def _mmm(tmp: Path) -> tuple[dict, Path]:
+    from distributed_hte.simulate.mmm import MmmSimConfig, simulate_mmm
+
+    out = tmp / "sim"
+    simulate_mmm(MmmSimConfig(n_regions=12, n_weeks=30, n_channels=2, seed=2), out)
+    spec = {
+        "kind": "mmm",
+        "data": {
+            "media": ["tv", "search"],
+            "spend": {"tv": "tv_spend", "search": "search_spend"},
+            "controls": ["price", "promo"],
+        },
+        "train": {"epochs": 2, "region_passes": 2, "log_every_s": 60},
+    }
+    return spec, out / "data"
+
+
 SETUPS = {
     "fe_hte": _fe_hte,
     "segments": _segments,
     "interference": _interference,
     "aipw_segments": _aipw_segments,
+    "mmm": _mmm,
 }
 SWEEPS = {
     "fe_hte": {"train.lr": {"grid": [0.01, 0.02]}},
     "segments": {"model.lam": {"grid": [0.01, 0.02]}},
     "interference": {"train.lr": {"grid": [0.01, 0.03]}},
     "aipw_segments": {"nuisance.C": {"grid": [0.1, 1.0]}},
+    "mmm": {"train.lr": {"grid": [0.01, 0.03]}},
 }
 
 
@@ -250,6 +269,7 @@ def test_truth_is_read_from_this_projects_simulation(kind_setup):
         pytest.param("fe_hte", marks=pytest.mark.slow),
         pytest.param("segments", marks=pytest.mark.slow),
         pytest.param("aipw_segments", marks=pytest.mark.slow),
+        pytest.param("mmm", marks=pytest.mark.slow),
         "interference",
     ],
 )
@@ -272,9 +292,9 @@ def test_runs_saved_before_bundles_convert(kind_setup, tmp_path):
     from distributed_hte.kinds.toolkit import load_bundle
 
     kind, base, _, user_data, tmp = kind_setup
-    if kind in ("segments", "aipw_segments"):
+    if kind in ("segments", "aipw_segments", "mmm"):
         # The old segments pickle lacks each creative's δ_k: the CLI says to re-run.
-        # aipw_segments was born with bundles: there is no old format to convert.
+        # aipw_segments and mmm were born with bundles: there is no old format to convert.
         return
     src = tmp / "runs" / "resumable"
     if not (src / "COMPLETE").exists():

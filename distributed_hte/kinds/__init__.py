@@ -39,6 +39,7 @@ _REGISTRY: dict[str, str] = {
     "interference": "distributed_hte.kinds.interference",
     "interference_coverage": "distributed_hte.kinds.interference_coverage",
     "aipw_segments": "distributed_hte.kinds.aipw_segments",
+    "mmm": "distributed_hte.kinds.mmm",
 }
 
 

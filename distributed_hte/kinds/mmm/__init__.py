@@ -1,0 +1,323 @@
+"""Kind ``mmm``: a deep marketing mix model on a region × week panel.
+
+prepare: read and check the long table (:mod:`distributed_hte.kinds.mmm.data`), build
+the dense panel (ragged regions masked), fit the scalers once on the fit weeks and
+initialise Hill's ``K`` from data percentiles. fit: Ray Train DDP through the generic
+loop, one sample per region (regions sharded across workers), the last
+``data.holdout_weeks`` of each region never seen → model bundle with the scalers.
+evaluate / report: decompose the panel with the fitted model (driver side: a panel is
+small) → metrics.json, channels.csv/.parquet, contributions.parquet,
+response_curves.parquet, budget.json (with ``optimize:``) and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distributed_hte.errors import DataError, SpecError
+from distributed_hte.kinds import Kind, toolkit
+from distributed_hte.kinds.mmm.data import Columns, Panel, Scalers, fit_scalers, read_panel, scaled
+from distributed_hte.kinds.mmm.spec import MmmSpec
+from distributed_hte.kinds.toolkit import ModelBundle, RowFilter
+from distributed_hte.rundir import RunDir, write_json
+from distributed_hte.simulate import mmm as sim
+
+log = logging.getLogger(__name__)
+
+FIT_FILE = "fit.json"
+TRUTH_KEYS = ("channels", "media_share", "region_size", "media_scale")
+
+
+@dataclass
+class MmmPrepared:
+    """The checked panel, its scalers and what the model is initialised from."""
+
+    columns: Columns
+    panel: Panel
+    scalers: Scalers
+    hill_k_init: list[float]
+    truth: dict | None
+    prepare_seconds: float
+
+    @property
+    def week(self) -> np.ndarray:
+        return np.arange(self.panel.kpi.shape[1], dtype=np.float64)
+
+
+def columns_of(spec: MmmSpec, expected: str | None = None) -> Columns:
+    d = spec.data
+    return Columns(
+        region=d.region,
+        week=d.week,
+        kpi=d.kpi,
+        media=spec.media(),
+        spend=spec.spend(),
+        controls=spec.controls(),
+        holdout_weeks=d.holdout_weeks,
+        expected=expected,
+    )
+
+
+def hill_k_init(panel: Panel, scalers: Scalers, percentile: float, max_lag: int) -> list[float]:
+    """Per channel: ``percentile`` of the positive adstocked scaled activity (θ = 0.5)."""
+    x = panel.media / scalers.media_scale[:, None, :]
+    out = []
+    for c in range(x.shape[2]):
+        a = sim.geometric_adstock(x[:, :, c], 0.5, max_lag)[panel.fit]
+        pos = a[a > 0]
+        out.append(float(np.percentile(pos, percentile)) if len(pos) else 1.0)
+    return out
+
+
+class MmmKind(Kind):
+    name = "mmm"
+    spec_class = MmmSpec
+    warm_start = None
+    cannot_warm_start = "init_from for mmm is not built yet (a refresh must reuse the scalers)"
+    artefacts = [
+        "channels.csv",
+        "channels.parquet",
+        "contributions.parquet",
+        "response_curves.parquet",
+        "history.parquet",
+        "model",
+        "plots",
+    ]
+
+    def simulation(self, spec: MmmSpec):
+        return spec.simulate.config(), sim.simulate_mmm
+
+    # -- check / prepare --------------------------------------------------------------
+    def requirements(self, spec: MmmSpec) -> list[Any]:
+        """Metadata checks before Ray starts. The KPI and week columns are checked in
+        prepare: a region without KPI and an unparseable week get their own messages."""
+        from distributed_hte.data.schema import ColumnRequirement
+
+        req = [ColumnRequirement(spec.data.region, "data.region", "id")]
+        req += [ColumnRequirement(c, "data.media", "numeric") for c in spec.media()]
+        req += [
+            ColumnRequirement(c, "data.spend", "numeric")
+            for ch, c in spec.spend().items()
+            if c != ch
+        ]
+        req += [ColumnRequirement(c, "data.controls", "numeric") for c in spec.controls()]
+        return req
+
+    def prepare(self, spec: MmmSpec) -> MmmPrepared:
+        t0 = time.perf_counter()
+        d = spec.data
+        assert d.path is not None
+        truth, _ = toolkit.read_truth_json(d.truth, d.path, self.name, TRUTH_KEYS)
+        expected = None
+        if toolkit.read_simulation_marker(d.path, self.name) is not None:
+            expected = (truth or {}).get("kpi_expected_column")
+        panel = read_panel(d.path, columns_of(spec, expected))
+        if truth is not None:
+            names = truth.get("channel_names", [])
+            if names != spec.media():
+                raise toolkit.truth_error(
+                    "data.truth", Path(d.truth or d.path), f"is for channels {names}, not "
+                    f"data.media {spec.media()}"
+                )  # fmt: skip
+        scalers = fit_scalers(panel)
+        k_init = hill_k_init(panel, scalers, spec.model.hill_init_percentile, spec.model.max_lag)
+        prepared = MmmPrepared(
+            columns_of(spec, expected), panel, scalers, k_init, truth, time.perf_counter() - t0
+        )
+        log.info(
+            "[prepare] %s: %d regions × %d weeks (%d rows), %d channels, %d controls; "
+            "holdout: last %d weeks of each region; %.1fs",
+            d.path, len(panel.regions), len(panel.week_labels), int(panel.observed.sum()),
+            len(spec.media()), len(spec.controls()), d.holdout_weeks, prepared.prepare_seconds,
+        )  # fmt: skip
+        return prepared
+
+    def model_config(self, spec: MmmSpec, prepared: MmmPrepared):
+        from distributed_hte.models.mmm import MmmConfig
+
+        m = spec.model
+        fit_weeks = int(np.flatnonzero(prepared.panel.fit.any(0)).max()) + 1
+        return MmmConfig(
+            n_regions=len(prepared.panel.regions),
+            channels=spec.media(),
+            controls=spec.controls(),
+            fit_weeks=fit_weeks,
+            adstock=m.adstock,
+            max_lag=m.max_lag,
+            hidden=m.hidden,
+            fourier=m.fourier,
+            season_period=m.season_period,
+            hill_k_init=prepared.hill_k_init,
+            hill_slope_init=m.hill_slope_init,
+            hill_slope_min=m.hill_slope_min,
+            huber_delta=m.huber_delta,
+            tv_penalty=m.tv_penalty,
+        )
+
+    # -- fit --------------------------------------------------------------------------
+    def fit(
+        self, spec: MmmSpec, prepared: MmmPrepared, run: RunDir, callbacks: list | None = None
+    ) -> None:
+        import ray.data
+        import torch
+
+        from distributed_hte.kinds.mmm.plugin import MmmPlugin, region_rows
+        from distributed_hte.train.trainer import fit, training_summary
+
+        plugin = MmmPlugin(self.model_config(spec, prepared))
+        p = prepared.panel
+        rows = region_rows(scaled(p, prepared.scalers), p.fit, prepared.week)
+        passes = spec.train.region_passes
+        n_train = len(rows) * passes
+        # Each pass is its own block, so shuffled block order mixes the passes.
+        ds = ray.data.from_items(rows * passes, override_num_blocks=passes).materialize()
+        log.info(
+            "[fit] %d regions × %d passes per epoch, %d workers%s, %d epochs, batch %d regions",
+            len(rows), passes, spec.scaling.num_workers,
+            " on GPU" if spec.scaling.use_gpu else "", spec.train.epochs, spec.train.batch_size,
+        )  # fmt: skip
+        t0 = time.perf_counter()
+        result = fit(spec, plugin, {"train": ds}, n_train, run.path, callbacks=callbacks)
+        summary = training_summary(result, time.perf_counter() - t0, spec.scaling.num_workers)
+        summary.update(prepare_seconds=prepared.prepare_seconds, regions=len(rows))
+        state = torch.load(result.best_model_path, map_location="cpu", weights_only=True)
+        write_json(run.file(FIT_FILE), {"training": summary, "history": result.history})
+        arrays = prepared.scalers.to_arrays()
+
+        def save_scalers(path: Path) -> None:
+            with open(path, "wb") as f:
+                np.savez(f, **arrays)
+
+        toolkit.save_bundle(
+            run.path,
+            self.name,
+            spec,
+            {
+                "plugin": plugin.to_config(),
+                "columns": asdict(prepared.columns),
+                "regions": prepared.panel.regions,
+                "week_labels": prepared.panel.week_labels,
+            },
+            {"state.pt": lambda path: torch.save(state, path), "scalers.npz": save_scalers},
+        )
+
+    # -- evaluate / report ------------------------------------------------------------
+    @staticmethod
+    def _bundle_parts(bundle: ModelBundle):
+        from distributed_hte.kinds.mmm.plugin import MmmPlugin, load_model
+
+        plugin = MmmPlugin.from_config(bundle.config["plugin"])
+        model = load_model(plugin.model, bundle.state_dict())
+        with np.load(bundle.path("scalers"), allow_pickle=False) as z:
+            scalers = Scalers.from_arrays(dict(z))
+        return plugin, model, scalers
+
+    def evaluate(
+        self, bundle: ModelBundle, data_path: str, rows: RowFilter | None = None
+    ) -> dict[str, Any]:
+        """Train and holdout fit of the bundle's model on ``data_path`` (same regions and
+        week grid), with the bundle's own scalers."""
+        from distributed_hte.kinds.mmm.report import panel_metrics
+
+        if rows is not None:
+            raise SpecError(
+                "mmm evaluates whole region series (its holdout is the last data.holdout_weeks "
+                "of each region): write the panel to evaluate as its own dataset"
+            )
+        _, model, scalers = self._bundle_parts(bundle)
+        cols = Columns(**bundle.config["columns"])
+        cols.expected = None
+        panel = read_panel(data_path, cols)
+        panel = _align(panel, bundle)
+        from distributed_hte.kinds.mmm.plugin import decompose
+
+        week = np.arange(len(panel.week_labels), dtype=np.float64)
+        dec = decompose(model, scaled(panel, scalers), scalers.kpi_scale, week)
+        m = panel_metrics(panel, dec["pred"])
+        out = {f"{split}_{k}": v for split in ("train", "holdout") for k, v in m[split].items()
+               if not isinstance(v, dict)}  # fmt: skip
+        # Unprefixed: the holdout figures, what a retrain gate (default val_r2) compares.
+        out.update({k: v for k, v in m["holdout"].items() if not isinstance(v, dict)})
+        return out
+
+    def report(
+        self, spec: MmmSpec, prepared: MmmPrepared, run: RunDir, bundle: ModelBundle
+    ) -> dict[str, Any]:
+        from distributed_hte.kinds.mmm import report as rep
+
+        plugin, model, scalers = self._bundle_parts(bundle)
+        fitted = json.loads((run.path / FIT_FILE).read_text())
+        metrics = rep.write_outputs(spec, prepared, run, plugin.model, model, scalers)
+        metrics["training"] = fitted["training"]
+        write_json(run.file("metrics.json"), metrics)
+        toolkit.write_history(run, fitted["history"], spec.name, "loss (Huber + penalty)")
+        return metrics
+
+    # -- predict ----------------------------------------------------------------------
+    def predict(self, run_dir: Path, data_path: str, out_path: Path) -> dict[str, Any]:
+        """Score a panel of the model's regions and week grid: the predicted KPI and every
+        component per region-week (carry-over within the given weeks)."""
+        import ray.data
+
+        from distributed_hte.kinds.mmm.plugin import decompose
+        from distributed_hte.kinds.mmm.report import components_frame
+
+        bundle = toolkit.load_bundle(run_dir, self.name)
+        toolkit.check_new_output(out_path)
+        plugin, model, scalers = self._bundle_parts(bundle)
+        cols = Columns(**bundle.config["columns"])
+        cols.expected = None
+        panel = _align(read_panel(data_path, cols), bundle)
+        week = np.arange(len(panel.week_labels), dtype=np.float64)
+        dec = decompose(model, scaled(panel, scalers), scalers.kpi_scale, week)
+        frame = components_frame(panel, dec, plugin.model, wide=True)
+        return toolkit.write_predictions(ray.data.from_pandas(frame), out_path)
+
+
+def _align(panel: Panel, bundle: ModelBundle) -> Panel:
+    """``panel`` re-indexed to the bundle's regions; DataError for regions or weeks the
+    model does not know."""
+    regions = bundle.config["regions"]
+    labels = bundle.config["week_labels"]
+    pos = {r: i for i, r in enumerate(regions)}
+    unknown = [r for r in panel.regions if r not in pos]
+    if unknown:
+        raise DataError(
+            f"{len(unknown)} region(s) of the data are not in the fitted model, e.g. "
+            f"{unknown[:5]}; the model scores the regions it was fitted on"
+        )
+    if panel.week_labels[0] != labels[0] or len(panel.week_labels) > len(labels):
+        raise DataError(
+            f"the data's weeks ({panel.week_labels[0]} to {panel.week_labels[-1]}) are not the "
+            f"model's week grid ({labels[0]} to {labels[-1]})"
+        )
+    r_n, t_n = len(regions), len(labels)
+    idx = np.array([pos[r] for r in panel.regions])
+
+    def place(a: np.ndarray) -> np.ndarray:
+        out = np.zeros((r_n, t_n) + a.shape[2:], dtype=a.dtype)
+        out[idx, : a.shape[1]] = a
+        return out
+
+    return Panel(
+        regions=list(regions),
+        week_labels=list(labels),
+        kpi=place(panel.kpi),
+        media=place(panel.media),
+        spend=place(panel.spend),
+        controls=place(panel.controls),
+        observed=place(panel.observed),
+        holdout=place(panel.holdout),
+        has_spend=panel.has_spend,
+        ragged=panel.ragged,
+    )
+
+
+KIND = MmmKind

@@ -143,23 +143,8 @@ def warehouse_nonlinear(ray_session, tmp_path_factory) -> Path:
     return write_warehouse(cfg, tmp_path_factory.mktemp("wh") / "nonlinear")
 
 
-# Measured 2026-11-25 (benchmarks/README.md): at lr 0.003 the 10 default epochs (~490 Adam
-# steps) leave beta corr 0.994 and the buyer effects at corr 0.979 even with the fixed
-# effects backfitted between epochs (0.945 without); the run says still_improving (its
-# beta head's gradient still points one way), and 20 epochs meet every target. Strict:
-# this fails loudly once the target is met.
-NONLINEAR_LRS = [
-    pytest.param(
-        0.003,
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="lr 0.003: 10 epochs too few for the hidden layers (measured: buyer 0.979)",
-        ),
-    ),
-    0.01,
-    0.03,
-    0.05,
-]
+# lr 0.003 is tested on its own below: at the default 10 epochs it sits on the targets' edge.
+NONLINEAR_LRS = [0.01, 0.03, 0.05]
 
 
 @pytest.mark.slow
@@ -172,3 +157,35 @@ def test_sgd_nonlinear_recovers_beta_and_fixed_effects(warehouse_nonlinear, tmp_
     for fam in FAMILIES:
         corr = m["fixed_effects"][fam]["corr_with_truth"]
         assert corr >= NONLINEAR_FE_CORR_MIN, (lr, fam, corr)
+
+
+@pytest.mark.slow
+def test_sgd_nonlinear_at_lr_0_003_says_it_is_still_improving_and_meets_the_targets_given_epochs(
+    warehouse_nonlinear, tmp_path
+):
+    """lr 0.003, the bottom of the issue's range. At the default 10 epochs (~490 Adam steps)
+    the buyer effects land on the target's edge (measured corr 0.979 and 0.982 in two runs,
+    beta 0.994) while the beta head's gradient still points one way, so the run must say
+    still_improving; with the 20 epochs that verdict asks for, every target is met
+    (measured: beta 0.997, buyer 0.992, seller 0.992)."""
+    over = {"model": {"beta_net": {"hidden": [64, 32]}}, "train": {"lr": 0.003}}
+    m = json.loads(
+        (
+            run_job(validate_spec(_spec(warehouse_nonlinear, tmp_path, **over))) / "metrics.json"
+        ).read_text()
+    )
+    assert m["training"]["convergence_reason"] == "still_improving", m["training"]
+    assert "raise train.epochs" in m["training"]["convergence_suggestion"]
+    assert m["truth"]["beta_corr"] >= NONLINEAR_BETA_CORR_MIN
+    assert min(m["fixed_effects"][f]["corr_with_truth"] for f in FAMILIES) >= 0.975
+
+    over["train"]["epochs"] = 20
+    m = json.loads(
+        (
+            run_job(validate_spec(_spec(warehouse_nonlinear, tmp_path, **over))) / "metrics.json"
+        ).read_text()
+    )
+    assert m["truth"]["beta_corr"] >= NONLINEAR_BETA_CORR_MIN, m["truth"]
+    for fam in FAMILIES:
+        corr = m["fixed_effects"][fam]["corr_with_truth"]
+        assert corr >= NONLINEAR_FE_CORR_MIN, (fam, corr)

@@ -99,6 +99,12 @@ def _close(a: Path, b: Path) -> None:
     assert ma["val"]["loss"] == pytest.approx(mb["val"]["loss"], rel=LOSS_RTOL)
 
 
+# A hard deadline per test (fixtures included). The thread method, because a blocking
+# ray.get ignores SIGALRM: a hung Ray ends the pytest run with every stack dumped, so CI
+# fails in bounded time instead of stalling.
+pytestmark = pytest.mark.timeout(900, method="thread")
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(sim_tiny, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("uninterrupted")

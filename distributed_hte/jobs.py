@@ -20,6 +20,8 @@ from distributed_hte.runtime import check_reachable
 from distributed_hte.spec import load_spec
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# How long a submission waits for the head's job agent to come up before giving up.
+AGENT_WAIT_S = 60.0
 
 
 def client(address: str):
@@ -47,14 +49,22 @@ def submit_job(spec_path: str, overrides: list[str], address: str, wait: bool = 
         runtime_env["py_modules"] = [*runtime_env.get("py_modules", []), str(package)]
         env_vars = {"RAY_TRAIN_V2_ENABLED": "1", **runtime_env.get("env_vars", {})}
         runtime_env["env_vars"] = env_vars
-        try:
-            job_id = jobs.submit_job(
-                entrypoint="python -m distributed_hte.cli run spec.yaml",
-                runtime_env=runtime_env,
-                metadata={"dhte_spec": spec.name, "dhte_kind": spec.kind},
-            )
-        except (ConnectionError, RuntimeError) as exc:
-            raise ClusterError(f"the Ray cluster at {address} refused the job: {exc}") from exc
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                job_id = jobs.submit_job(
+                    entrypoint="python -m distributed_hte.cli run spec.yaml",
+                    runtime_env=runtime_env,
+                    metadata={"dhte_spec": spec.name, "dhte_kind": spec.kind},
+                )
+                break
+            except (ConnectionError, RuntimeError) as exc:
+                # A head that has just started (or is busy) answers 500 "No available agent
+                # to submit job, please try again later": a wait, not a refusal.
+                if "try again later" in str(exc) and time.monotonic() < deadline:
+                    time.sleep(2.0)
+                    continue
+                raise ClusterError(f"the Ray cluster at {address} refused the job: {exc}") from exc
     if wait:
         status = wait_for(address, job_id)
         if status != "SUCCEEDED":

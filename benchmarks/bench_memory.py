@@ -11,21 +11,15 @@ Target: peak(50M) <= 1.2 x peak(5M).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
-from common import WORK, run_measured, save
+from common import WORK, run_dhte_job, save
 
 
 def one(n: int) -> dict:
-    res = run_measured(
+    res, run_dir, m = run_dhte_job(
+        "jobs/fe_hte_50m.yaml",
         [
-            sys.executable,
-            "-m",
-            "distributed_hte.cli",
-            "run",
-            "jobs/fe_hte_50m.yaml",
             f"simulate.n_rows={n}",
             f"simulate.out={WORK / f'mem_{n}'}",
             "data.cache=never",
@@ -33,8 +27,6 @@ def one(n: int) -> dict:
         ],
         WORK / f"memory_{n}.log",
     )
-    run_dir = Path(res["last_line"])
-    m = json.loads((run_dir / "metrics.json").read_text())
     return {
         **res,
         "rows": n,

@@ -18,19 +18,15 @@ import sys
 from pathlib import Path
 
 import pandas as pd
-from common import WORK, run_measured, save
+from common import WORK, run_dhte_job, save
 
 SETTINGS = {"off": "false", "on": "true"}
 
 
 def one(rows: int, setting: str, data: Path) -> dict:
-    res = run_measured(
+    res, run_dir, m = run_dhte_job(
+        "jobs/fe_hte_50m.yaml",
         [
-            sys.executable,
-            "-m",
-            "distributed_hte.cli",
-            "run",
-            "jobs/fe_hte_50m.yaml",
             f"simulate.n_rows={rows}",
             f"simulate.out={data}",
             "data.cache=never",
@@ -39,10 +35,6 @@ def one(rows: int, setting: str, data: Path) -> dict:
         ],
         WORK / f"shuffle_50m_{setting}.log",
     )
-    if res["returncode"] != 0:
-        raise SystemExit(f"{setting}: exit {res['returncode']}, see {WORK}/shuffle_50m_*.log")
-    run_dir = Path(res["last_line"])
-    m = json.loads((run_dir / "metrics.json").read_text())
     last = pd.read_parquet(run_dir / "history.parquet").iloc[-1]
     return {
         **res,

@@ -118,3 +118,16 @@ def save(name: str, result: dict) -> None:
     }
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
+
+
+def run_dhte_job(spec: str, overrides: list[str], log: Path) -> tuple[dict, Path, dict]:
+    """``dhte run spec overrides...`` in its own process, measured by :func:`run_measured`.
+
+    Returns the measurement, the run directory (the CLI's last stdout line) and its
+    ``metrics.json``; a failed run raises SystemExit naming the log.
+    """
+    res = run_measured([sys.executable, "-m", "distributed_hte.cli", "run", spec, *overrides], log)
+    if res["returncode"] != 0:
+        raise SystemExit(f"{spec} {' '.join(overrides)}: exit {res['returncode']}, see {log}")
+    run_dir = Path(res["last_line"])
+    return res, run_dir, json.loads((run_dir / "metrics.json").read_text())

@@ -123,27 +123,34 @@ class _GradientMoments:
     oscillate across a steep valley) drown a small layer that is still drifting.
     """
 
-    def __init__(self, named: list[tuple[str, nn.Parameter]], device: torch.device) -> None:
+    def __init__(
+        self, named: list[tuple[str, nn.Parameter]], device: torch.device, skip_non_finite: bool
+    ) -> None:
         self.names = [n.removeprefix("module.") for n, _ in named]
         self.params = [p for _, p in named]
-        self.sizes = [p.numel() for p in self.params]
-        self.total = torch.zeros(sum(self.sizes), dtype=torch.float64, device=device)
+        self.totals = [
+            torch.zeros(p.shape, dtype=torch.float64, device=device) for p in self.params
+        ]
         self.sq = torch.zeros(len(self.params), dtype=torch.float64, device=device)
+        # AMP skips overflow steps, and so must the moments; checking needs a sync per step,
+        # so only AMP pays it (without AMP a non-finite gradient stops the run anyway).
+        self.skip_non_finite = skip_non_finite
         self.steps = 0
 
     def add(self) -> None:
-        parts = []
-        for p in self.params:
-            g = p.grad
-            if g is None:
-                parts.append(torch.zeros(p.numel(), dtype=torch.float64, device=self.total.device))
-            else:
-                parts.append((g.to_dense() if g.is_sparse else g).reshape(-1).double())
-        flat = torch.cat(parts)
-        if not bool(torch.isfinite(flat).all()):
-            return  # an AMP overflow step: the scaler skips it, and so do the moments
-        self.total += flat
-        self.sq += torch.stack([x.dot(x) for x in parts])
+        grads = [
+            None if p.grad is None else (p.grad.to_dense() if p.grad.is_sparse else p.grad)
+            for p in self.params
+        ]
+        if self.skip_non_finite and not all(
+            bool(torch.isfinite(g).all()) for g in grads if g is not None
+        ):
+            return
+        for i, g in enumerate(grads):
+            if g is not None:
+                g = g.double()
+                self.totals[i] += g
+                self.sq[i] += g.pow(2).sum()
         self.steps += 1
 
     def snr(self) -> tuple[float | None, str]:
@@ -151,22 +158,18 @@ class _GradientMoments:
         of the epoch's steps, and that tensor's name."""
         if self.steps < 2:
             return None, ""
-        totals = np.split(self.total.cpu().numpy(), np.cumsum(self.sizes)[:-1])
         best: tuple[float | None, str] = (None, "")
-        for name, total, sq in zip(self.names, totals, self.sq.tolist(), strict=True):
-            value = gradient_snr(total, sq, self.steps)
+        for name, total, sq in zip(self.names, self.totals, self.sq.tolist(), strict=True):
+            value = gradient_snr(total.cpu().numpy().ravel(), sq, self.steps)
             if value is not None and (best[0] is None or value > best[0]):
                 best = (value, name)
         return best
 
 
 def _all_reduce_sums(sums: dict[str, float], device: torch.device) -> dict[str, float]:
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return sums
     keys = sorted(sums)
-    t = torch.tensor([sums[k] for k in keys], dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return dict(zip(keys, t.tolist(), strict=True))
+    totals = _all_reduce_array(np.array([sums[k] for k in keys], dtype=np.float64), device)
+    return dict(zip(keys, totals.tolist(), strict=True))
 
 
 def _all_reduce_array(values: np.ndarray, device: torch.device) -> np.ndarray:
@@ -302,7 +305,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
         model.train()
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        grads = _GradientMoments(trainable, device)
+        grads = _GradientMoments(trainable, device, skip_non_finite=use_amp)
         rows = 0
         t_first: float | None = None
         factor = scheduled_factor(state["step"], total_steps, train["lr_schedule"], anneal)

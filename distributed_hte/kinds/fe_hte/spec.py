@@ -48,13 +48,6 @@ class FeHteModelSpec(StrictModel):
         "locks in the SGD noise of a coefficient whose feature is constant within an id)",
     )
 
-    @property
-    def backfit_sweeps_used(self) -> int:
-        """``backfit_sweeps``, with null resolved (see its description)."""
-        if self.backfit_sweeps is not None:
-            return self.backfit_sweeps
-        return 0 if self.is_linear else 10
-
     finish_fixed_effects: bool = Field(
         True,
         description="sgd: after training, solve the fixed effects and intercept exactly given "
@@ -77,6 +70,13 @@ class FeHteModelSpec(StrictModel):
     @property
     def is_linear(self) -> bool:
         return not self.beta_net.hidden and not self.g_net.hidden
+
+    @property
+    def backfit_sweeps_used(self) -> int:
+        """``backfit_sweeps``, with null resolved (see its description)."""
+        if self.backfit_sweeps is not None:
+            return self.backfit_sweeps
+        return 0 if self.is_linear else 10
 
 
 class FeHteDataSpec(StrictModel):

@@ -16,6 +16,7 @@ import traceback
 from pathlib import Path
 
 from distributed_hte.errors import UserError
+from distributed_hte.runtime import TERMINAL_HIDDEN
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -199,11 +200,26 @@ REGISTRY_HELP = (
 )
 
 
+TERMINAL_HANDLER = "dhte-terminal"
+VERBOSE_HELP = "also show Ray's own output on the terminal (run.log always keeps it)"
+
+
+class TerminalFilter(logging.Filter):
+    """Keep Ray's output and Python warnings off the terminal; run.log still gets them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(
+            record.name == hidden or record.name.startswith(hidden + ".")
+            for hidden in TERMINAL_HIDDEN
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="dhte", description="Ray-distributed training of causal and marketing models."
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    p.add_argument("--verbose", "-v", action="store_true", help=VERBOSE_HELP)
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser(
@@ -211,6 +227,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("spec")
     r.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. train.epochs=2")
+    # also after the subcommand, where users type it; SUPPRESS keeps a top-level -v
+    r.add_argument(
+        "--verbose", "-v", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+    )
     r.add_argument("--run-dir", help="write exactly here (resumes a failed run in it)")
     r.add_argument(
         "--address",
@@ -290,14 +310,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _log_to_terminal(debug: bool, verbose: bool) -> None:
+    """Our stage and progress lines on stderr; Ray's output and warnings only if verbose."""
+    root = logging.getLogger()
+    root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for old in [h for h in root.handlers if h.name == TERMINAL_HANDLER]:
+        root.removeHandler(old)  # main() called again in one process (tests)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.name = TERMINAL_HANDLER
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    if not (verbose or debug):
+        handler.addFilter(TerminalFilter())
+    root.addHandler(handler)
+    # warnings (ours, Ray's, torch's) become log records, so run.log keeps them
+    logging.captureWarnings(True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.INFO,
-        format="%(asctime)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-    )
+    _log_to_terminal(debug=args.debug, verbose=args.verbose)
     try:
         return args.fn(args)
     except UserError as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 from distributed_hte.errors import ClusterError
@@ -21,6 +22,14 @@ log = logging.getLogger(__name__)
 
 # Logical CPUs kept free for Ray Data reads/transforms next to the Train workers.
 DATA_CPUS = 2
+# Workers prefix the lines meant for the user's terminal with this; everything else a
+# Ray process prints (report dicts, checkpoint chatter, Ray's INFO lines) goes to run.log.
+TERMINAL_TAG = "[dhte] "
+# Logger for Ray's forwarded worker output: run.log keeps it, the terminal shows it only
+# with --verbose.
+RAY_OUTPUT_LOGGER = "distributed_hte.ray_output"
+# Logger names the terminal hides unless --verbose (Ray's own, and Python warnings).
+TERMINAL_HIDDEN = ("ray", "py.warnings", RAY_OUTPUT_LOGGER)
 
 
 @dataclass(frozen=True)
@@ -70,8 +79,10 @@ def init_ray(target: RayTarget, runtime_env: dict | None = None) -> None:
                 f"could not connect to the Ray cluster at {target.address}: {exc}"
             ) from exc
         log.info("connected to Ray at %s", target.address)
+        route_ray_output()
         return
     num_cpus = target.num_cpus or embedded_num_cpus(2)
+    dashboard_port = _free_port()
     ray.init(
         num_cpus=num_cpus,
         # Streaming buffers fill the object store up to Ray Data's budget, so this (not
@@ -80,7 +91,8 @@ def init_ray(target: RayTarget, runtime_env: dict | None = None) -> None:
         # Ray Train V2's placement-group cleaner polls the State API, which the dashboard serves.
         include_dashboard=True,
         dashboard_host="127.0.0.1",
-        runtime_env=runtime_env,
+        dashboard_port=dashboard_port,
+        runtime_env=_address_own_dashboard(runtime_env, dashboard_port),
         configure_logging=True,
         logging_level=logging.WARNING,
         log_to_driver=True,
@@ -89,6 +101,89 @@ def init_ray(target: RayTarget, runtime_env: dict | None = None) -> None:
         "started an embedded Ray with %d logical CPUs on %d cores", num_cpus, os.cpu_count() or 1
     )
     _quiet_ray_data()
+    route_ray_output()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _address_own_dashboard(runtime_env: dict | None, dashboard_port: int) -> dict:
+    """The job's runtime env, plus the address of this Ray's own State API.
+
+    Ray Train V2's placement-group cleaner (a detached actor) finds the State API by
+    auto-detection, which fails with "Found multiple active Ray instances" when another
+    Ray runs on the machine (two ``dhte run`` at once, a test beside a job). Actors
+    inherit the job's env vars, so naming the address there makes it find its own.
+    """
+    env = dict(runtime_env or {})
+    env["env_vars"] = {
+        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}",
+        **env.get("env_vars", {}),
+    }
+    return env
+
+
+def route_ray_output() -> None:
+    """Send what Ray prints into our logging: lines tagged :data:`TERMINAL_TAG` under
+    ``distributed_hte.worker`` (the terminal shows them), everything else under
+    :data:`RAY_OUTPUT_LOGGER` (run.log keeps it; the terminal only with ``--verbose``).
+
+    Replaces Ray's own printer of forwarded worker output and its console handlers on
+    the driver, so Ray's INFO lines and warnings land in run.log too.
+    """
+    import ray._private.worker as ray_worker
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    dispatcher.remove_handler("ray_print_logs")
+    # the raylet's warnings to the driver (e.g. "N worker processes have been started")
+    # are printed by this function directly, not through the dispatcher
+    ray_worker.print_to_stdstream = _print_to_stdstream
+    dispatcher.remove_handler(_FORWARDER)
+    dispatcher.add_handler(_FORWARDER, _forward_worker_output)
+    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            if not isinstance(handler, logging.FileHandler):
+                logger.removeHandler(handler)
+        logger.propagate = True
+        if logger.level < logging.INFO:
+            logger.setLevel(logging.INFO)
+
+
+_FORWARDER = "dhte_worker_output"
+_worker_log = logging.getLogger("distributed_hte.worker")
+_ray_output_log = logging.getLogger(RAY_OUTPUT_LOGGER)
+
+
+def _print_to_stdstream(data: dict, ignore_prefix: bool = False) -> None:
+    _forward_worker_output(data)
+
+
+def _forward_worker_output(data: dict) -> None:
+    source = data.get("actor_name") or data.get("task_name") or ""
+    prefix = f"({source} pid={data.get('pid')}) " if source else f"(pid={data.get('pid')}) "
+    for line in data.get("lines", []):
+        if TERMINAL_TAG in line:
+            _worker_log.info(line.split(TERMINAL_TAG, 1)[1])
+        else:
+            _ray_output_log.info("%s%s", prefix, line)
+
+
+def configure_worker_logging(logger: logging.Logger) -> None:
+    """In a Ray worker: print ``logger``'s INFO lines tagged for the user's terminal.
+
+    The driver (:func:`route_ray_output`) strips the tag and stamps the time; the
+    worker's other output goes to run.log.
+    """
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(TERMINAL_TAG + "%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def _quiet_ray_data() -> None:

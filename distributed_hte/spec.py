@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from distributed_hte.errors import SpecError
 
@@ -53,6 +60,13 @@ class ScalingSpec(StrictModel):
         description="worker-group restarts Ray Train makes after a worker dies (from the last "
         "checkpoint); -1: unlimited, 0: a dead worker fails the run",
     )
+
+
+def _is_positive_number(text: str) -> bool:
+    try:
+        return float(text) > 0
+    except ValueError:
+        return False
 
 
 class TrainSpec(StrictModel):
@@ -102,6 +116,29 @@ class TrainSpec(StrictModel):
         description="a run whose convergence verdict is negative exits with code 3 "
         "(its outputs are kept)",
     )
+    checkpoint_every: int | str = Field(
+        "60s",
+        description="checkpoint every N epochs (an integer) or every N seconds ('60s'); "
+        "the last epoch is always checkpointed. A restarted run resumes from the last "
+        "checkpoint and trains the epochs after it again, with the same row order",
+    )
+
+    @field_validator("checkpoint_every")
+    @classmethod
+    def _checkpoint_every(cls, value: int | str) -> int | str:
+        if isinstance(value, int):
+            if value < 1:
+                raise ValueError("checkpoint_every must be ≥ 1 epochs, or seconds like '60s'")
+            return value
+        text = str(value).strip().lower()
+        if text.isdigit():
+            return cls._checkpoint_every(int(text))
+        if not (text.endswith("s") and _is_positive_number(text[:-1])):
+            raise ValueError(
+                f"checkpoint_every {value!r} is neither epochs (an integer ≥ 1) nor "
+                "seconds like '60s'"
+            )
+        return text
 
 
 class AshaSpec(StrictModel):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +161,21 @@ def test_unreachable_cluster_exits_2(tmp_path):
     _assert_user_error(res, "unreachable")
 
 
+def _assert_clean_terminal(res: subprocess.CompletedProcess, run_dir: Path) -> None:
+    """Our stage and progress lines only: Ray's report dicts, checkpoint chatter, worker
+    prefixes and warnings go to run.log, which keeps them."""
+    terminal = res.stdout + res.stderr
+    assert not re.search(r"\{'\w+': ", terminal), "a Python dict repr on the terminal"
+    for chatter in ["Checkpoint successfully created", "TrainingReport(", "pid="]:
+        assert chatter not in terminal, chatter
+    # Python warnings (UserWarning, RayDeprecationWarning, ...); our own "[run] WARNING:
+    # the fit did not converge" line is meant for the terminal and does not match
+    assert not re.search(r"\w+Warning\b", terminal), "a Python warning on the terminal"
+    log = (run_dir / "run.log").read_text()
+    assert "Checkpoint successfully created" in log and "TrainingReport(" in log
+    assert "(RayTrainWorker pid=" in log
+
+
 def test_run_prints_the_run_dir_last_and_writes_a_complete_run(tmp_path):
     """The main job, shrunk: simulate → train (2 DDP workers) → estimate → report."""
     res = dhte(
@@ -190,6 +206,7 @@ def test_run_prints_the_run_dir_last_and_writes_a_complete_run(tmp_path):
     assert json.loads((run_dir / "status.json").read_text())["state"] == "complete"
     assert "beta_corr" in res.stdout and "[train] epoch" in res.stderr
     assert "[fit]" in (run_dir / "run.log").read_text()
+    _assert_clean_terminal(res, run_dir)
 
     # A complete run directory is never overwritten.
     res = dhte("run", str(QUICK), f"outputs.dir={tmp_path}", "--run-dir", str(run_dir))

@@ -440,3 +440,24 @@ def test_lr_10_diverges_stops_and_says_so(
     )
     with pytest.raises(ConvergenceError):
         check_convergence(strict, v)
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"), [(1, 1), ("3", 3), ("60s", "60s"), (" 2.5S ", "2.5s")]
+)
+def test_checkpoint_every_takes_epochs_or_seconds(value, parsed):
+    assert TrainSpec(checkpoint_every=value).checkpoint_every == parsed
+
+
+@pytest.mark.parametrize("value", [0, "0s", "-5s", "often", "60m"])
+def test_checkpoint_every_refuses_what_is_neither(value):
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        TrainSpec(checkpoint_every=value)
+
+
+def test_checkpoint_schedule_counts_epochs_or_seconds_since_the_last():
+    from distributed_hte.train.loop import _checkpoint_due
+
+    assert _checkpoint_due(1, 1, 0.0) and not _checkpoint_due(3, 2, 1e6)
+    assert _checkpoint_due(3, 3, 0.0)
+    assert _checkpoint_due("60s", 1, 60.0) and not _checkpoint_due("60s", 50, 59.9)

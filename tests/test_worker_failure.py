@@ -49,9 +49,10 @@ def _raw(data: Path, out: Path, max_failures: int = 2) -> dict:
         "kind": "fe_hte",
         "data": {"path": str(data / "data")},
         "model": {"beta_net": {"hidden": []}, "g_net": {"hidden": []}, "solver": "sgd"},
-        # Small batches: an epoch lasts a couple of seconds, long enough to die inside.
+        # Small batches: an epoch lasts a couple of seconds, long enough to die inside;
+        # a checkpoint every epoch, so a restart resumes mid-run.
         "train": {"epochs": EPOCHS, "batch_size": 128, "lr": 0.01, "log_every_s": 60,
-                  "early_stopping_patience": None},
+                  "early_stopping_patience": None, "checkpoint_every": 1},
         "scaling": {"num_workers": 2, "max_failures": max_failures},
         "outputs": {"dir": str(out)},
     }  # fmt: skip

@@ -268,7 +268,7 @@ def fit_linear_fe(
     log.info(
         "exact FE pass 1: %d rows, ids %s, %.2f s",
         stats.n,
-        dict(zip(families, stats.n_ids, strict=True)),
+        ", ".join(f"{f}={n}" for f, n in zip(families, stats.n_ids, strict=True)),
         t1 - started,
     )
     sol = solve(stats, coef_names=coef_names, dense_max=dense_max)

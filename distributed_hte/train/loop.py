@@ -3,8 +3,9 @@
 A kind plugs in a :class:`TrainPlugin`: build the model, turn a numpy batch into
 tensors, the loss on a batch, and additive evaluation sums. The loop does the rest:
 seeded shuffled shard iteration (``shuffle.py``, ``ingest.py``), device placement and
-DDP through Ray Train, AMP on GPU, LR schedule, all-reduced metrics, a checkpoint per
-epoch (with the best weights so far), resume from the last checkpoint, early stopping
+DDP through Ray Train, AMP on GPU, LR schedule, all-reduced metrics, checkpoints on the
+``train.checkpoint_every`` schedule and at the last epoch (with the best weights so far),
+resume from the last checkpoint (the epochs after it run again), early stopping
 that respects the schedule (``schedule.py``), a stop on divergence or a non-finite loss,
 a convergence verdict in the last epoch's metrics (``convergence.py``), and progress
 lines (epoch, rows/s, ETA).
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distributed_hte.runtime import configure_worker_logging
 from distributed_hte.train.convergence import assess_convergence, divergence, gradient_snr
 from distributed_hte.train.schedule import (
     Anneal,
@@ -210,14 +212,11 @@ def make_optimizer(
     return cls(params, lr=train["lr"], weight_decay=train["weight_decay"])
 
 
-def _configure_worker_logging() -> None:
-    # Our progress lines only: Ray's own INFO chatter stays at its default level.
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+def _checkpoint_due(every: int | str, epochs_since: int, seconds_since: float) -> bool:
+    """``every``: N epochs (int) or ``"Ns"`` seconds (see ``TrainSpec.checkpoint_every``)."""
+    if isinstance(every, str):
+        return seconds_since >= float(every.rstrip("s"))
+    return epochs_since >= every
 
 
 def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -241,7 +240,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     rows_per_worker = max(int(config["train_rows"]), 1)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    _configure_worker_logging()
+    configure_worker_logging(log)
     torch.manual_seed(train["seed"])
     device = ray.train.torch.get_device()
     use_amp = bool(train["amp"]) and device.type == "cuda"
@@ -297,6 +296,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     cache_val = _RowCache() if cache_train is not None else None
     last_log = time.perf_counter()
     run_started = time.perf_counter()
+    # rank 0 alone decides; the other ranks report no checkpoint anyway
+    last_checkpoint = {"epoch": first_epoch, "time": run_started}
     rows_done_run = 0
     anneal = Anneal(*state["anneal"]) if state["anneal"] else None
 
@@ -468,9 +469,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
                 elapsed / (epoch + 1 - first_epoch) * epochs_left,
                 f"  (stopped: {stopped_reason})" if stop else "",
             )
+        last = stop or epoch + 1 == train["epochs"]
+        checkpoint_now = last or _checkpoint_due(
+            train.get("checkpoint_every", 1),
+            epoch + 1 - last_checkpoint["epoch"],
+            time.perf_counter() - last_checkpoint["time"],
+        )
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
-            if rank == 0:
+            if rank == 0 and checkpoint_now:
+                last_checkpoint.update(epoch=epoch + 1, time=time.perf_counter())
                 torch.save(
                     {
                         "model": _unwrap(model).state_dict(),

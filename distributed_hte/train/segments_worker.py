@@ -197,16 +197,13 @@ def segments_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from distributed_hte.runtime import configure_worker_logging
+
     enc: SegmentsEncoder = config["encoder"]
     model = config["model"]
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
-    if not log.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
-        log.propagate = False
+    configure_worker_logging(log)
 
     layout = enc.layout().to(device)
     shard = ray.train.get_dataset_shard("train")

@@ -113,3 +113,22 @@ def test_split_is_stable_disjoint_and_near_the_fraction():
     assert len(train["a"]) + len(val["a"]) == 20_000
     assert not set(train["a"]) & set(val["a"])
     assert 0.18 < len(val["a"]) / 20_000 < 0.22
+
+
+def test_read_parquet_head_reads_a_partitioned_table_and_skips_what_is_not_data(tmp_path):
+    """Hive folders by date, a _SUCCESS marker, a CSV and a hidden folder beside the data."""
+    from distributed_hte.kinds.toolkit import read_parquet_head
+
+    for day, ids in [("2026-11-01", [3, 1]), ("2026-11-02", [7])]:
+        part = tmp_path / f"date={day}"
+        part.mkdir()
+        pq.write_table(pa.table({"user_id": ids, "y": [0.5] * len(ids)}), part / "p0.parquet")
+    (tmp_path / "_SUCCESS").write_text("")
+    (tmp_path / "notes.csv").write_text("a,b\n1,2\n")
+    (tmp_path / ".staging").mkdir()
+    pq.write_table(pa.table({"user_id": [99], "y": [9.0]}), tmp_path / ".staging" / "x.parquet")
+
+    head = read_parquet_head(str(tmp_path), ["user_id", "y", "date"], 10)
+    assert head["user_id"].tolist() == [3, 1, 7]
+    assert head["date"].astype(str).tolist() == ["2026-11-01", "2026-11-01", "2026-11-02"]
+    assert len(read_parquet_head(str(tmp_path), ["user_id"], 2)) == 2

@@ -102,16 +102,6 @@ def test_submit_status_logs_to_a_real_head_beside_an_embedded_run(ray_head, tmp_
     )
     assert res.returncode == 0, res.stderr[-3000:]
     job_id = res.stdout.strip().splitlines()[-1]
-    # Meanwhile an embedded run on the same machine: two Rays at once. Each must address
-    # its own (Ray Train's placement-group cleaner used to fail with "Found multiple
-    # active Ray instances").
-    embedded_env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
-    embedded = subprocess.Popen(
-        [sys.executable, "-m", "distributed_hte.cli", "run", "jobs/fe_hte_quickstart.yaml",
-         "simulate.n_rows=10000", "simulate.n_users=100", "simulate.n_vendors=20",
-         "train.epochs=2", "scaling.num_workers=1", f"outputs.dir={tmp_path / 'embedded'}"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=embedded_env, cwd=REPO,
-    )  # fmt: skip
     deadline = time.monotonic() + 400
     status = ""
     while time.monotonic() < deadline:
@@ -128,10 +118,25 @@ def test_submit_status_logs_to_a_real_head_beside_an_embedded_run(ray_head, tmp_
     # stop on a finished job is harmless and reports its final state.
     assert _dhte(env, "stop", job_id, "--address", address).stdout.strip() == "SUCCEEDED"
 
-    out_embedded, err_embedded = embedded.communicate(timeout=400)
-    assert embedded.returncode == 0, err_embedded[-3000:]
-    embedded_run = Path(out_embedded.strip().splitlines()[-1])
+    # An embedded run beside the head: two Rays on one machine (as two `dhte run` at
+    # once). It must address its own: Ray Train's placement-group cleaner used to fail
+    # with "Found multiple active Ray instances". (Run after the job, not during it, so
+    # that two Ray start-ups do not compete for 2 cores.)
+    embedded = _dhte(
+        {k: v for k, v in env.items() if k != "RAY_ADDRESS"},
+        "run",
+        "jobs/fe_hte_quickstart.yaml",
+        "simulate.n_rows=10000",
+        "simulate.n_users=100",
+        "simulate.n_vendors=20",
+        "train.epochs=2",
+        "scaling.num_workers=1",
+        f"outputs.dir={tmp_path / 'embedded'}",
+        timeout=400,
+    )
+    assert embedded.returncode == 0, embedded.stderr[-3000:]
+    embedded_run = Path(embedded.stdout.strip().splitlines()[-1])
     # (the submitted job's own cleaner still auto-detects: on a real cluster there is one
     # Ray per node, and the address a user submits to need not be the head's own)
-    for text in (err_embedded, (embedded_run / "run.log").read_text()):
+    for text in (embedded.stderr, (embedded_run / "run.log").read_text()):
         assert "multiple active Ray instances" not in text

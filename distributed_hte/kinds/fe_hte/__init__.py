@@ -32,6 +32,7 @@ from distributed_hte.kinds.toolkit import (
     batch_sums,
     load_bundle,
     read_parquet,
+    read_parquet_head,
     read_simulation_marker,
     save_bundle,
     truth_location,
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FIT_FILE = "fit.json"
+# rows of the beta recovery plot (read in the driver, not through Ray Data)
+PLOT_ROWS = 20_000
 
 
 @dataclass
@@ -374,8 +377,9 @@ class FeHteKind(Kind):
         write_json(run.file("metrics.json"), metrics)
         write_history(run, fitted["history"], spec.name, "MSE")
         if prepared.beta_true:
-            sample = read_parquet(prepared.path, [*plugin.columns, prepared.beta_true])
-            sample = sample.limit(20_000).to_pandas()
+            sample = read_parquet_head(
+                prepared.path, [*plugin.columns, prepared.beta_true], PLOT_ROWS
+            )
             with torch.no_grad():
                 pred = predict_batch(
                     {c: sample[c].to_numpy() for c in sample.columns}, plugin, state, []

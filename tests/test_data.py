@@ -132,3 +132,47 @@ def test_read_parquet_head_reads_a_partitioned_table_and_skips_what_is_not_data(
     assert head["user_id"].tolist() == [3, 1, 7]
     assert head["date"].astype(str).tolist() == ["2026-11-01", "2026-11-01", "2026-11-02"]
     assert len(read_parquet_head(str(tmp_path), ["user_id"], 2)) == 2
+
+
+def test_batch_sums_in_the_driver_equal_the_ray_data_pass(ray_session, tmp_path, monkeypatch):
+    """Small data is summed in the driver; it must see what Ray Data sees: the same rows,
+    partition columns as strings, other files skipped."""
+    from distributed_hte.kinds import toolkit
+
+    # nested: cloudpickle ships it by value to Ray's workers (tests are not importable there)
+    def _column_sums(batch: dict, names: list[str]) -> dict:
+        out = {"n": np.array([float(len(batch[names[0]]))])}
+        for c in names:
+            values = batch[c]
+            if values.dtype.kind in "fiu":
+                out[f"sum:{c}"] = np.array([float(values.sum())])
+            else:  # strings (ids, hive partition values): a checksum of their lengths
+                out[f"len:{c}"] = np.array([float(sum(len(str(v)) for v in values))])
+        return out
+
+    rng = np.random.default_rng(3)
+    for day in ["2026-11-01", "2026-11-02", "2026-11-03"]:
+        part = tmp_path / f"date={day}"
+        part.mkdir()
+        n = int(rng.integers(50, 400))
+        pq.write_table(
+            pa.table(
+                {
+                    "buyer": pa.array([f"b{i}" for i in rng.integers(0, 10**9, n)]),
+                    "seller": pa.array(rng.integers(0, 2**40, n), pa.int64()),
+                    "y": rng.normal(size=n),
+                }
+            ),
+            part / "part-0.parquet",
+        )
+    (tmp_path / "_SUCCESS").write_text("")
+    (tmp_path / "README.txt").write_text("not data")
+    cols = ["buyer", "seller", "y", "date"]
+
+    local = toolkit.batch_sums(str(tmp_path), cols, _column_sums, names=cols)
+    monkeypatch.setattr(toolkit, "DRIVER_PASS_MAX_ROWS", 0)
+    through_ray = toolkit.batch_sums(str(tmp_path), cols, _column_sums, names=cols)
+    assert local.keys() == through_ray.keys()
+    for k, v in through_ray.items():
+        assert local[k] == pytest.approx(v, rel=1e-12), k
+    assert "len:date" in local and local["len:date"] == 10 * local["n"]

@@ -76,14 +76,18 @@ def read_parquet(path: str, columns: list[str] | None = None, train=None):
     )
 
 
-def read_parquet_head(path: str, columns: list[str], rows: int):
-    """The first ``rows`` rows (pandas, ``(≤ rows, len(columns))``) of the ``*.parquet``
-    files under ``path`` in sorted file order, read in this process.
+# A pass over at most this many rows runs in the driver (pyarrow batches, one at a time)
+# instead of a Ray Data pipeline, whose start-up costs seconds on a small job.
+DRIVER_PASS_MAX_ROWS = 1_000_000
 
-    For plots and spot checks: a Ray Data pipeline costs seconds of start-up for what
-    pyarrow reads in milliseconds. Other files, and files under ``_``/``.`` folders, are
-    skipped as :func:`read_parquet` skips them; hive partition columns are included.
+
+def local_parquet_dataset(path: str) -> pads.Dataset:
+    """A pyarrow dataset over the same rows and columns as :func:`read_parquet`.
+
+    ``*.parquet`` files only, none under ``_``/``.`` folders, in sorted order; hive
+    partition columns (``date=...``) as strings, as Ray Data reads them.
     """
+    import pyarrow as pa
     import pyarrow.fs as pafs
 
     if "://" in path:
@@ -91,22 +95,42 @@ def read_parquet_head(path: str, columns: list[str], rows: int):
     else:
         fs, root = pafs.LocalFileSystem(), os.path.abspath(path)
     if fs.get_file_info(root).type == pafs.FileType.File:
-        files = [root]
+        files, keys = [root], []
     else:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-        files = sorted(
-            i.path
-            for i in infos
-            if i.is_file
-            and i.path.endswith(".parquet")
-            and not any(
-                part.startswith(("_", ".")) for part in os.path.relpath(i.path, root).split("/")
-            )
-        )
-    dataset = pads.dataset(
-        files, filesystem=fs, format="parquet", partitioning="hive", partition_base_dir=root
+        files, keys = [], []
+        for info in sorted(infos, key=lambda i: i.path):
+            parts = os.path.relpath(info.path, root).split("/")
+            if (
+                info.is_file
+                and info.path.endswith(".parquet")
+                and not any(p.startswith(("_", ".")) for p in parts)
+            ):
+                files.append(info.path)
+                keys += [p.split("=", 1)[0] for p in parts[:-1] if "=" in p and p not in keys]
+    keys = list(dict.fromkeys(keys))
+    partitioning = (
+        pads.partitioning(pa.schema([(k, pa.string()) for k in keys]), flavor="hive")
+        if keys
+        else None
     )
-    return dataset.head(rows, columns=columns).to_pandas()
+    return pads.dataset(
+        files,
+        filesystem=fs,
+        format="parquet",
+        partitioning=partitioning,
+        partition_base_dir=root,
+    )
+
+
+def read_parquet_head(path: str, columns: list[str], rows: int):
+    """The first ``rows`` rows (pandas, ``(≤ rows, len(columns))``) of the data under
+    ``path`` (as :func:`local_parquet_dataset` sees it), read in this process.
+
+    For plots and spot checks: a Ray Data pipeline costs seconds of start-up for what
+    pyarrow reads in milliseconds.
+    """
+    return local_parquet_dataset(path).head(rows, columns=columns).to_pandas()
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +154,9 @@ class RowFilter:
         return keep
 
 
+_SUMS_BATCH_ROWS = 65_536
+
+
 def batch_sums(
     path: str, columns: list[str], fn: Callable[..., Any], **kwargs: Any
 ) -> dict[str, float]:
@@ -137,13 +164,28 @@ def batch_sums(
     add the rows up.
 
     ``take_all`` of one row per batch, not ``Dataset.sum``: an aggregation shuffles, and its
-    tasks cannot be placed inside a Tune trial's placement group.
+    tasks cannot be placed inside a Tune trial's placement group. Data of at most
+    :data:`DRIVER_PASS_MAX_ROWS` rows is summed in the driver, one batch at a time, with
+    the batches Ray Data would have made (same rows, same numpy conversion).
     """
-    rows = (
-        read_parquet(path, columns)
-        .map_batches(fn, fn_kwargs=kwargs, batch_format="numpy", batch_size=65_536)
-        .take_all()
-    )
+    local = local_parquet_dataset(path)
+    if local.count_rows() <= DRIVER_PASS_MAX_ROWS:
+        from ray.data.block import BlockAccessor
+
+        rows = []
+        for record_batch in local.to_batches(columns=columns, batch_size=_SUMS_BATCH_ROWS):
+            if record_batch.num_rows:
+                import pyarrow as pa
+
+                batch = BlockAccessor.for_block(pa.Table.from_batches([record_batch]))
+                rows.append(fn(batch.to_batch_format("numpy"), **kwargs))
+        rows = [{k: v[0] for k, v in r.items()} for r in rows]
+    else:
+        rows = (
+            read_parquet(path, columns)
+            .map_batches(fn, fn_kwargs=kwargs, batch_format="numpy", batch_size=_SUMS_BATCH_ROWS)
+            .take_all()
+        )
     out: dict[str, float] = {}
     for row in rows:
         for k, v in row.items():

@@ -75,7 +75,7 @@ def test_nulls_in_a_required_column(small_parquet):
 def test_profile_finds_nan_and_builds_vocabularies(ray_session, small_parquet):
     import ray.data
 
-    from distributed_hte.data.profile import profile_dataset
+    from distributed_hte.data.profile import profile_dataset, profile_parquet
 
     df = _frame(1000)
     folder = small_parquet(df)
@@ -85,6 +85,12 @@ def test_profile_finds_nan_and_builds_vocabularies(ray_session, small_parquet):
     assert prof.id_counts["user"].sum() == 1000
     assert prof.moments["y"].mean == pytest.approx(df.y.mean())
     assert prof.moments["y"].std == pytest.approx(df.y.std(ddof=0))
+    # small data is profiled in the driver: the same profile
+    local = profile_parquet(str(folder), ["y", "t"], ["user"], {})
+    assert local.n_rows == prof.n_rows
+    np.testing.assert_array_equal(local.vocab["user"], prof.vocab["user"])
+    np.testing.assert_array_equal(local.id_counts["user"], prof.id_counts["user"])
+    assert local.moments["y"].total == pytest.approx(prof.moments["y"].total, rel=1e-12)
 
     t = df["t"].to_numpy(dtype=float)
     t[10] = np.nan
@@ -98,6 +104,8 @@ def test_profile_finds_nan_and_builds_vocabularies(ray_session, small_parquet):
         profile_dataset(
             ray.data.read_parquet(str(folder)), ["y", "t"], ["user"], {"t": "data.treatment"}
         )
+    with pytest.raises(DataError, match=r"column 't' \(named by data.treatment\) has 1 NaN"):
+        profile_parquet(str(folder), ["y", "t"], ["user"], {"t": "data.treatment"})
 
 
 def test_split_is_stable_disjoint_and_near_the_fraction():

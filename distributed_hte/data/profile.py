@@ -110,6 +110,36 @@ def merge_profiles(parts: list[DatasetProfile]) -> DatasetProfile:
     return out
 
 
+def profile_parquet(
+    path: str, numeric: list[str], ids: list[str], fields: dict[str, str]
+) -> DatasetProfile:
+    """Profile the ``*.parquet`` data under ``path`` (see :func:`profile_dataset`).
+
+    Data of at most ``DRIVER_PASS_MAX_ROWS`` rows is profiled in the driver, one pyarrow
+    batch at a time (a Ray Data pipeline's start-up costs seconds on a small job); larger
+    data by a Ray Data pass.
+    """
+    from distributed_hte.kinds.toolkit import (
+        DRIVER_PASS_MAX_ROWS,
+        local_parquet_dataset,
+        read_parquet,
+    )
+
+    columns = list(dict.fromkeys(numeric + ids))
+    local = local_parquet_dataset(path)
+    if local.count_rows() > DRIVER_PASS_MAX_ROWS:
+        return profile_dataset(read_parquet(path, columns), numeric, ids, fields)
+    parts = [
+        pickle.loads(_profile_block(pa.Table.from_batches([b]), numeric, ids)["profile"][0])
+        for b in local.to_batches(columns=columns, batch_size=_LOCAL_BATCH_ROWS)
+        if b.num_rows
+    ]
+    return _checked(merge_profiles(parts), fields)
+
+
+_LOCAL_BATCH_ROWS = 262_144
+
+
 def profile_dataset(
     dataset, numeric: list[str], ids: list[str], fields: dict[str, str]
 ) -> DatasetProfile:
@@ -123,7 +153,10 @@ def profile_dataset(
         batch_size=None,
         fn_kwargs={"numeric": numeric, "ids": ids},
     ).take_all()
-    prof = merge_profiles([pickle.loads(row["profile"]) for row in summaries])
+    return _checked(merge_profiles([pickle.loads(row["profile"]) for row in summaries]), fields)
+
+
+def _checked(prof: DatasetProfile, fields: dict[str, str]) -> DatasetProfile:
     if prof.n_rows == 0:
         raise DataError("the dataset is empty (0 rows); nothing to train on")
     for name, m in prof.moments.items():

@@ -84,8 +84,9 @@ DRIVER_PASS_MAX_ROWS = 1_000_000
 def local_parquet_dataset(path: str) -> pads.Dataset:
     """A pyarrow dataset over the same rows and columns as :func:`read_parquet`.
 
-    ``*.parquet`` files only, none under ``_``/``.`` folders, in sorted order; hive
-    partition columns (``date=...``) as strings, as Ray Data reads them.
+    ``*.parquet`` files only, none whose path under ``path`` starts with ``_`` or ``.``,
+    in sorted order; hive partition columns (``date=...``) as strings, as Ray Data reads
+    them.
     """
     import pyarrow as pa
     import pyarrow.fs as pafs
@@ -100,11 +101,13 @@ def local_parquet_dataset(path: str) -> pads.Dataset:
         infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
         files, keys = [], []
         for info in sorted(infos, key=lambda i: i.path):
-            parts = os.path.relpath(info.path, root).split("/")
+            relative = os.path.relpath(info.path, root)
+            parts = relative.split("/")
+            # Ray Data's rule: skip paths whose part under the root starts with "." or "_"
             if (
                 info.is_file
                 and info.path.endswith(".parquet")
-                and not any(p.startswith(("_", ".")) for p in parts)
+                and not relative.startswith((".", "_"))
             ):
                 files.append(info.path)
                 keys += [p.split("=", 1)[0] for p in parts[:-1] if "=" in p and p not in keys]

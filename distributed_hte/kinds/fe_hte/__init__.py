@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from distributed_hte.data.profile import DatasetProfile, profile_dataset
+from distributed_hte.data.profile import DatasetProfile, profile_parquet
 from distributed_hte.data.schema import ColumnRequirement, check_schema
 from distributed_hte.errors import DataError
 from distributed_hte.evaluation.metrics import correlation_from_sums, regression_metrics
@@ -103,9 +103,7 @@ class FeHteKind(Kind):
         summary = check_schema(d.path, req)
         numeric = [d.outcome, d.treatment, *d.beta_features, *d.g_features]
         fields = {r.name: r.field for r in req}
-        profile = profile_dataset(
-            read_parquet(d.path, numeric + d.fixed_effects), numeric, d.fixed_effects, fields
-        )
+        profile = profile_parquet(d.path, numeric, d.fixed_effects, fields)
         for c in d.beta_features + d.g_features:
             if profile.moments[c].std == 0:
                 raise DataError(

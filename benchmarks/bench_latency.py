@@ -52,6 +52,7 @@ class Timeline(logging.Handler):
         records.append((record.created, record.getMessage()))
 from distributed_hte import cli
 logging.getLogger().addHandler(Timeline())
+logging.getLogger().setLevel(logging.INFO)
 rc = cli.main(["run", *sys.argv[1:]])
 records.append((time.time(), "END"))
 print(json.dumps({"rc": rc, "t0": t0, "records": records}))

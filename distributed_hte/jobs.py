@@ -16,7 +16,7 @@ from pathlib import Path
 import yaml
 
 from distributed_hte.errors import ClusterError
-from distributed_hte.runtime import check_reachable
+from distributed_hte.runtime import check_reachable, with_job_env
 from distributed_hte.spec import load_spec
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -47,8 +47,7 @@ def submit_job(spec_path: str, overrides: list[str], address: str, wait: bool = 
         runtime_env = dict(spec.runtime.runtime_env or {})
         runtime_env["working_dir"] = work
         runtime_env["py_modules"] = [*runtime_env.get("py_modules", []), str(package)]
-        env_vars = {"RAY_TRAIN_V2_ENABLED": "1", **runtime_env.get("env_vars", {})}
-        runtime_env["env_vars"] = env_vars
+        runtime_env = with_job_env(runtime_env, RAY_TRAIN_V2_ENABLED="1")
         deadline = time.monotonic() + AGENT_WAIT_S
         while True:
             try:

@@ -30,6 +30,23 @@ TERMINAL_TAG = "[dhte] "
 RAY_OUTPUT_LOGGER = "distributed_hte.ray_output"
 # Logger names the terminal hides unless --verbose (Ray's own, and Python warnings).
 TERMINAL_HIDDEN = ("ray", "py.warnings", RAY_OUTPUT_LOGGER)
+# How often Ray Train's controller polls the workers. A worker's report waits for the
+# next poll (its result queue holds one), so Ray's default of 2 s made every sub-second
+# epoch of a small job take 1-2 s of wall time.
+TRAIN_POLL_INTERVAL_S = "0.2"
+_TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+def job_env_vars() -> dict[str, str]:
+    """Env vars every job's Ray processes get (the user's runtime_env env_vars win)."""
+    return {_TRAIN_POLL_ENV: os.environ.get(_TRAIN_POLL_ENV, TRAIN_POLL_INTERVAL_S)}
+
+
+def with_job_env(runtime_env: dict | None, **extra: str) -> dict:
+    """``runtime_env`` plus :func:`job_env_vars` and ``extra`` under its ``env_vars``."""
+    env = dict(runtime_env or {})
+    env["env_vars"] = {**job_env_vars(), **extra, **env.get("env_vars", {})}
+    return env
 
 
 @dataclass(frozen=True)
@@ -73,7 +90,9 @@ def init_ray(target: RayTarget, runtime_env: dict | None = None) -> None:
     if target.address:
         check_reachable(target.address)
         try:
-            ray.init(address=target.address, runtime_env=runtime_env, log_to_driver=True)
+            ray.init(
+                address=target.address, runtime_env=with_job_env(runtime_env), log_to_driver=True
+            )
         except (ConnectionError, TimeoutError, RuntimeError) as exc:
             raise ClusterError(
                 f"could not connect to the Ray cluster at {target.address}: {exc}"
@@ -92,7 +111,13 @@ def init_ray(target: RayTarget, runtime_env: dict | None = None) -> None:
         include_dashboard=True,
         dashboard_host="127.0.0.1",
         dashboard_port=dashboard_port,
-        runtime_env=_address_own_dashboard(runtime_env, dashboard_port),
+        # Ray Train V2's placement-group cleaner (a detached actor) finds the State API by
+        # auto-detection, which fails with "Found multiple active Ray instances" when
+        # another Ray runs on the machine; actors inherit the job's env vars, so naming
+        # this Ray's own address there makes it find its own.
+        runtime_env=with_job_env(
+            runtime_env, RAY_API_SERVER_ADDRESS=f"http://127.0.0.1:{dashboard_port}"
+        ),
         configure_logging=True,
         logging_level=logging.WARNING,
         log_to_driver=True,
@@ -108,22 +133,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _address_own_dashboard(runtime_env: dict | None, dashboard_port: int) -> dict:
-    """The job's runtime env, plus the address of this Ray's own State API.
-
-    Ray Train V2's placement-group cleaner (a detached actor) finds the State API by
-    auto-detection, which fails with "Found multiple active Ray instances" when another
-    Ray runs on the machine (two ``dhte run`` at once, a test beside a job). Actors
-    inherit the job's env vars, so naming the address there makes it find its own.
-    """
-    env = dict(runtime_env or {})
-    env["env_vars"] = {
-        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}",
-        **env.get("env_vars", {}),
-    }
-    return env
 
 
 def route_ray_output() -> None:

@@ -579,6 +579,44 @@ def test_bad_data_exits_2_and_writes_nothing(ray_session, tmp_path, case, match)
     assert not runs.exists()
 
 
+def test_one_worker_fits_the_models_and_scores_of_two(fitted, tmp_path):
+    """The fixture's job (2 Train workers, each holding its shard in memory) fitted again
+    with 1 worker (the kind's prepare and its Ray Train fit; the report pass is left out):
+    the same coefficients for every fold and role, hence, applied to the data by the
+    kind's ``score_rows``, the same folds, ê, μ̂1, μ̂0 and scores as the fixture's
+    ``scores.parquet``, row by row (the workers' sums are all-reduced: only the float
+    summation order may differ)."""
+    from distributed_hte.kinds import get_kind
+    from distributed_hte.kinds.aipw_segments import load_model
+    from distributed_hte.kinds.aipw_segments.plugin import score_rows
+    from distributed_hte.kinds.toolkit import load_bundle
+    from distributed_hte.rundir import RunDir
+    from distributed_hte.spec import validate_spec
+
+    run, data, raw = fitted
+    kind = get_kind("aipw_segments")
+    spec = validate_spec({**raw, "scaling": {"num_workers": 1}})
+    one = RunDir(tmp_path / "one")
+    one.path.mkdir()
+    kind.fit(spec, kind.prepare(spec), one)
+    bundle = load_bundle(one.path, kind.name, require_complete_run=False)  # fit only
+    assert bundle.config["fit"]["num_workers"] == 1
+    design, betas = load_model(bundle)
+    _, betas_two = load_model(load_bundle(run, kind.name))
+    assert set(betas) == set(betas_two) and len(betas) == 9  # 3 folds × (e, μ1, μ0)
+    for key, beta in betas.items():
+        np.testing.assert_allclose(beta, betas_two[key], rtol=0, atol=1e-10, err_msg=str(key))
+    table = open_dataset(str(data)).to_table(columns=design.columns())
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    b = pd.DataFrame(score_rows(batch, design, betas, float(bundle.config["clip"])))
+    a = pq.read_table(run / "scores.parquet").to_pandas()
+    assert len(a) == len(b) == 40_000
+    m = a.merge(b, on="impression_id", suffixes=("", "_one"), validate="one_to_one")
+    np.testing.assert_array_equal(m.fold, m.fold_one)
+    for c in ("e_hat", "mu1_hat", "mu0_hat", "score"):
+        np.testing.assert_allclose(m[c], m[f"{c}_one"], rtol=0, atol=1e-9, err_msg=c)
+
+
 # ----------------------------------------------------------------------------- slow tier
 
 
@@ -602,8 +640,8 @@ def test_a_repeated_key_is_found_by_the_distributed_check_too(ray_session, tmp_p
     check_unique_key(str(folder / "part-0.parquet"), "id", KEY_CHECK_IN_DRIVER_ROWS + 1)
 
 
-@pytest.mark.slow
-def test_one_and_two_workers_give_identical_scores(fitted, tmp_path):
+@pytest.mark.slow  # one Ray Data pass per Newton step
+def test_one_streaming_worker_gives_the_scores_of_two(fitted, tmp_path):
     """One worker streaming its shard from Ray Data on every Newton pass (cache_gb 0)
     against two workers holding theirs in memory: the same scores."""
     from distributed_hte.runner import run_job

@@ -42,7 +42,6 @@ RESULT = "aipw_scale"
 def data_for(rows: int) -> Path:
     """Simulate ``rows`` impressions once under benchmarks/_work (the job's simulate section)."""
     out = WORK / f"aipw_scale_{rows}"
-    info: dict = {"reused": True}
     if not (out / "simulation.json").exists():
         info = run_measured(
             [
@@ -52,8 +51,10 @@ def data_for(rows: int) -> Path:
             WORK / f"aipw_scale_sim_{rows}.log",
         )  # fmt: skip
         if info["returncode"] != 0:
-            raise SystemExit(f"simulation of {rows} rows failed: see {WORK}/aipw_scale_sim_{rows}.log")
-    record(f"simulate_{rows}", info)
+            raise SystemExit(
+                f"simulation of {rows} rows failed: see {WORK}/aipw_scale_sim_{rows}.log"
+            )
+        record(f"simulate_{rows}", info)  # only when simulated here (a reuse keeps the record)
     return out
 
 
@@ -174,11 +175,11 @@ def record(key: str, value: dict) -> None:
         ratios["seconds_50m_over_5m"] = (
             runs["ours_50000000"]["seconds"] / runs["ours_5000000"]["seconds"]
         )
-    for key_ours in [k for k in runs if k.startswith("ours_by_arm_")]:
-        n = key_ours.removeprefix("ours_by_arm_")
+    for key_ours in [k for k in runs if k.startswith("ours_by_arm")]:
+        n = key_ours.rsplit("_", 1)[1]
         if f"doubleml_{n}" in runs:
             d, o = runs[f"doubleml_{n}"], runs[key_ours]
-            ratios[f"doubleml_over_ours_{n}"] = {
+            ratios[f"doubleml_over_{key_ours}"] = {
                 "seconds": d["seconds"] / o["seconds"],
                 "peak_pss": d["peak_pss_gb"] / o["peak_pss_gb"],
                 "ate_difference_in_our_se": (d["ate"] - o["global"]["estimate"])
@@ -192,6 +193,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, nargs="*", default=[])
     ap.add_argument("--doubleml-rows", type=int, default=None)
+    ap.add_argument(
+        "--ours-override",
+        nargs="*",
+        default=[],
+        help="more key=value for our run against DoubleML, e.g. nuisance.cache_gb=2 "
+        "(shards held in memory; the 50M spec streams them: cache_gb 0)",
+    )
     ap.add_argument("--doubleml-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.doubleml_child:
@@ -202,7 +210,11 @@ def main() -> None:
     if args.doubleml_rows:
         n = args.doubleml_rows
         record(f"doubleml_{n}", doubleml(n))
-        record(f"ours_by_arm_{n}", ours(n, ["nuisance.outcome_model=by_arm"], f"by_arm_{n}"))
+        extra = ["nuisance.outcome_model=by_arm", *args.ours_override]
+        tag = "".join(
+            "_" + o.split("=")[0].split(".")[-1] + o.split("=")[1] for o in args.ours_override
+        )
+        record(f"ours_by_arm{tag}_{n}", ours(n, extra, f"by_arm{tag}_{n}"))
 
 
 if __name__ == "__main__":

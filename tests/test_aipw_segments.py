@@ -194,6 +194,10 @@ def test_the_events_filter_uses_the_expected_count_of_the_rarer_outcome_in_each_
         [replace(rule, min_treated_events=0, min_control_events=0)], {"x": sums}, 0.95
     )
     assert len(table) == 3
+    # a continuous outcome: score_block leaves the expected events NaN, which filter nothing
+    sums[:, S["ev_t"]] = sums[:, S["ev_c"]] = np.nan
+    table, filtered, _ = segment_tables([rule], {"x": sums}, 0.95)
+    assert len(table) == 3 and filtered.empty and table.expected_treated_events.isna().all()
 
 
 def test_skewness_from_sums_and_the_skew_corrected_joint_band():

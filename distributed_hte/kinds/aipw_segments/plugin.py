@@ -580,8 +580,11 @@ def score_block(
     cols[:, _S["n_clip"]] = clipped
     cols[:, _S["se_t"]] = t * e
     cols[:, _S["se_c"]] = (1 - t) * e
-    cols[:, _S["ev_t"]] = t * pred["mu1"]
-    cols[:, _S["ev_c"]] = (1 - t) * pred["mu0"]
+    if design.link == "logit":  # expected events: binary outcomes only (NaN otherwise)
+        cols[:, _S["ev_t"]] = t * pred["mu1"]
+        cols[:, _S["ev_c"]] = (1 - t) * pred["mu0"]
+    else:
+        cols[:, _S["ev_t"]] = cols[:, _S["ev_c"]] = np.nan
     if tau is not None:
         cols[:, _S["s_tau"]] = as_float(batch[tau])
         cols[:, _S["n_tau"]] = 1.0

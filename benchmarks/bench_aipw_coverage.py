@@ -196,6 +196,10 @@ def main() -> None:
     ap.add_argument("--min-rows", type=int, default=1, help="the kind's size filters")
     ap.add_argument("--min-treated", type=int, default=1)
     ap.add_argument("--min-control", type=int, default=1)
+    ap.add_argument(
+        "--min-treated-events", type=float, default=0.0, help="expected events (0: off)"
+    )
+    ap.add_argument("--min-control-events", type=float, default=0.0)
     ap.add_argument("--outcome-model", default="pooled", choices=["pooled", "by_arm"])
     ap.add_argument("--out", default="aipw_coverage.json")
     args = ap.parse_args()
@@ -210,6 +214,8 @@ def main() -> None:
         "min_rows": args.min_rows,
         "min_treated": args.min_treated,
         "min_control": args.min_control,
+        "min_treated_events": args.min_treated_events,
+        "min_control_events": args.min_control_events,
     }
     reps = ray.get(
         [
@@ -221,7 +227,9 @@ def main() -> None:
         "command": f"python benchmarks/bench_aipw_coverage.py --replications {args.replications} "
         f"--rows {args.rows} --seed {args.seed} --truth-rows {args.truth_rows} "
         f"--min-rows {args.min_rows} --min-treated {args.min_treated} "
-        f"--min-control {args.min_control} --outcome-model {args.outcome_model} --out {args.out}",
+        f"--min-control {args.min_control} --min-treated-events {args.min_treated_events:g} "
+        f"--min-control-events {args.min_control_events:g} "
+        f"--outcome-model {args.outcome_model} --out {args.out}",
         "rows": args.rows,
         "seconds": round(time.perf_counter() - t0, 1),
         **summarise(reps, population),

@@ -40,6 +40,13 @@ def main() -> None:
         action="store_true",
         help="draw replication r's table as bench_aipw_coverage.py does (same seed: same rows)",
     )
+    ap.add_argument(
+        "--min-treated-events",
+        type=float,
+        default=0.0,
+        help="the kind's events filter, with the true P(Y=1|x,1) as the outcome model",
+    )
+    ap.add_argument("--min-control-events", type=float, default=0.0)
     ap.add_argument("--out", default="aipw_oracle_coverage.json")
     args = ap.parse_args()
     t0 = time.perf_counter()
@@ -66,27 +73,51 @@ def main() -> None:
             g = len(truth[key])
             n = np.bincount(label, minlength=g).astype(float)
             s1, s2, s3 = (np.bincount(label, weights=psi**p, minlength=g) for p in (1, 2, 3))
+            n_t = np.bincount(label, weights=t, minlength=g)
+            ev_t = np.bincount(label, weights=t * d["p1"], minlength=g)
+            ev_c = np.bincount(label, weights=(1 - t) * d["p0"], minlength=g)
+            keep = (np.minimum(ev_t, n_t - ev_t) >= args.min_treated_events) & (
+                np.minimum(ev_c, n - n_t - ev_c) >= args.min_control_events
+            )
             theta, se = est.mean_se(n, s1, s2)
-            crit = est.joint_critical_value(g, 0.95)
+            crit = est.joint_critical_value(int(keep.sum()), 0.95)
             z = stats.norm.ppf(0.975)
             tv = truth[key]
             lo, hi = est.skew_corrected_band(theta, se, n, est.skewness(n, s1, s2, s3), crit)
-            hits[key]["pointwise"].append(np.abs(theta - tv) <= z * se)
-            hits[key]["joint_symmetric"].append(bool(np.all(np.abs(theta - tv) <= crit * se)))
-            hits[key]["joint_skew_corrected"].append(bool(np.all((lo <= tv) & (tv <= hi))))
+            # a filtered-out segment counts as NaN pointwise and is not part of the band
+            hits[key]["pointwise"].append(np.where(keep, np.abs(theta - tv) <= z * se, np.nan))
+            k = keep
+            hits[key]["joint_symmetric"].append(
+                bool(np.all(np.abs(theta[k] - tv[k]) <= crit * se[k]))
+            )
+            hits[key]["joint_skew_corrected"].append(
+                bool(np.all((lo[k] <= tv[k]) & (tv[k] <= hi[k])))
+            )
     labels = {"category": list(sim.CATEGORIES), "history_len": list(sim.HISTORY_LABELS)}
     result = {
         "command": f"python benchmarks/bench_aipw_oracle.py --replications {args.replications} "
         f"--rows {args.rows} --clip {args.clip} --seed {args.seed} "
-        f"--truth-rows {args.truth_rows}"
+        f"--truth-rows {args.truth_rows} --min-treated-events {args.min_treated_events:g} "
+        f"--min-control-events {args.min_control_events:g}"
         f"{' --same-tables-as-coverage' if args.same_tables_as_coverage else ''} --out {args.out}",
         "seconds": round(time.perf_counter() - t0, 1),
         "share_clipped": float(np.mean(clipped)),
         "segmentations": {
             key: {
-                "pointwise": float(np.mean(h["pointwise"])),
+                "pointwise": float(np.nanmean(h["pointwise"])),
                 "pointwise_by_segment": dict(
-                    zip(labels[key], np.mean(h["pointwise"], axis=0).round(4).tolist(), strict=True)
+                    zip(
+                        labels[key],
+                        np.nanmean(h["pointwise"], axis=0).round(4).tolist(),
+                        strict=True,
+                    )
+                ),
+                "reported_share_by_segment": dict(
+                    zip(
+                        labels[key],
+                        np.mean(~np.isnan(h["pointwise"]), axis=0).round(4).tolist(),
+                        strict=True,
+                    )
                 ),
                 "joint_symmetric": float(np.mean(h["joint_symmetric"])),
                 "joint_skew_corrected": float(np.mean(h["joint_skew_corrected"])),

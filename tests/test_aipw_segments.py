@@ -15,6 +15,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -155,6 +156,50 @@ def test_joint_critical_value_is_the_multiplier_bootstrap_quantile():
     assert est.joint_critical_value(1, 0.95) == pytest.approx(1.959964, abs=1e-6)
 
 
+def test_the_events_filter_uses_the_expected_count_of_the_rarer_outcome_in_each_arm():
+    """Three segments of 2,000 rows (200 treated): few expected treated clicks (Σ μ̂1 = 10),
+    enough (40), and treated outcomes that are nearly all clicks (Σ μ̂1 = 195: the rarer
+    value is the non-click, 5 expected). Only the second passes min_treated_events=25."""
+    from distributed_hte.kinds.aipw_segments.plugin import STATS
+    from distributed_hte.kinds.aipw_segments.report import segment_tables
+
+    S = {name: i for i, name in enumerate(STATS)}
+    rng = np.random.default_rng(3)
+    sums = np.zeros((4, len(STATS)))  # 3 segments + the "outside" row
+    for j, ev_t in enumerate([10.0, 40.0, 195.0]):
+        psi = rng.normal(0.02, 0.5, 2000)
+        sums[j, S["n"]], sums[j, S["n_t"]] = 2000, 200
+        sums[j, S["sy_t"]], sums[j, S["sy_c"]] = ev_t, 90
+        sums[j, S["spsi"]], sums[j, S["spsi2"]] = psi.sum(), (psi**2).sum()
+        sums[j, S["spsi3"]] = (psi**3).sum()
+        sums[j, S["ev_t"]], sums[j, S["ev_c"]] = ev_t, 90.0
+    rule = SegmentRule(
+        "x", "values", ("few", "enough", "mostly clicks"), levels=("a", "b", "c"),
+        min_rows=100, min_treated=50, min_control=500, min_treated_events=25,
+        min_control_events=25,
+    )  # fmt: skip
+    table, filtered, per = segment_tables([rule], {"x": sums}, 0.95)
+    assert table.segment.tolist() == ["enough"]
+    assert table.expected_treated_events.tolist() == [40.0]
+    assert per["x"]["segments"] == 1 and per["x"]["filtered_out"] == 2
+    why = filtered.set_index("segment").reason
+    assert why["few"] == "expected treated events 10.0 < 25"
+    assert why["mostly clicks"] == "expected treated events 5.0 < 25"
+    # the control arm has its own limit; 0 turns both off (continuous outcomes)
+    table, filtered, _ = segment_tables(
+        [replace(rule, min_treated_events=0, min_control_events=100)], {"x": sums}, 0.95
+    )
+    assert table.empty and filtered.reason.str.contains("expected control events 90.0 < 100").all()
+    table, _, _ = segment_tables(
+        [replace(rule, min_treated_events=0, min_control_events=0)], {"x": sums}, 0.95
+    )
+    assert len(table) == 3
+    # a continuous outcome: score_block leaves the expected events NaN, which filter nothing
+    sums[:, S["ev_t"]] = sums[:, S["ev_c"]] = np.nan
+    table, filtered, _ = segment_tables([rule], {"x": sums}, 0.95)
+    assert len(table) == 3 and filtered.empty and table.expected_treated_events.isna().all()
+
+
 def test_skewness_from_sums_and_the_skew_corrected_joint_band():
     rng = np.random.default_rng(4)
     x = rng.exponential(size=5_000) ** 2  # strongly right-skewed, as ψ with rare events
@@ -287,7 +332,15 @@ def fitted(ray_session, tmp_path_factory):
             "truth": str(tmp / "their_truth.json"),
         },
         "segments": SEGMENTS,
-        "estimate": {"min_rows": 500, "min_treated": 30, "min_control": 300},
+        # no events filter: the DoubleML gate() test compares all 8 categories, and the
+        # run's quartiles must all be reported (the filter: its own test above)
+        "estimate": {
+            "min_rows": 500,
+            "min_treated": 30,
+            "min_control": 300,
+            "min_treated_events": 0,
+            "min_control_events": 0,
+        },
         "nuisance": {"outcome_model": "by_arm", "C": 1.0},
         "scaling": {"num_workers": 2},
         "outputs": {"dir": str(tmp / "runs"), "scores": True},
@@ -530,6 +583,44 @@ def test_bad_data_exits_2_and_writes_nothing(ray_session, tmp_path, case, match)
     assert not runs.exists()
 
 
+def test_one_worker_fits_the_models_and_scores_of_two(fitted, tmp_path):
+    """The fixture's job (2 Train workers, each holding its shard in memory) fitted again
+    with 1 worker (the kind's prepare and its Ray Train fit; the report pass is left out):
+    the same coefficients for every fold and role, hence, applied to the data by the
+    kind's ``score_rows``, the same folds, ê, μ̂1, μ̂0 and scores as the fixture's
+    ``scores.parquet``, row by row (the workers' sums are all-reduced: only the float
+    summation order may differ)."""
+    from distributed_hte.kinds import get_kind
+    from distributed_hte.kinds.aipw_segments import load_model
+    from distributed_hte.kinds.aipw_segments.plugin import score_rows
+    from distributed_hte.kinds.toolkit import load_bundle
+    from distributed_hte.rundir import RunDir
+    from distributed_hte.spec import validate_spec
+
+    run, data, raw = fitted
+    kind = get_kind("aipw_segments")
+    spec = validate_spec({**raw, "scaling": {"num_workers": 1}})
+    one = RunDir(tmp_path / "one")
+    one.path.mkdir()
+    kind.fit(spec, kind.prepare(spec), one)
+    bundle = load_bundle(one.path, kind.name, require_complete_run=False)  # fit only
+    assert bundle.config["fit"]["num_workers"] == 1
+    design, betas = load_model(bundle)
+    _, betas_two = load_model(load_bundle(run, kind.name))
+    assert set(betas) == set(betas_two) and len(betas) == 9  # 3 folds × (e, μ1, μ0)
+    for key, beta in betas.items():
+        np.testing.assert_allclose(beta, betas_two[key], rtol=0, atol=1e-10, err_msg=str(key))
+    table = open_dataset(str(data)).to_table(columns=design.columns())
+    batch = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+    b = pd.DataFrame(score_rows(batch, design, betas, float(bundle.config["clip"])))
+    a = pq.read_table(run / "scores.parquet").to_pandas()
+    assert len(a) == len(b) == 40_000
+    m = a.merge(b, on="impression_id", suffixes=("", "_one"), validate="one_to_one")
+    np.testing.assert_array_equal(m.fold, m.fold_one)
+    for c in ("e_hat", "mu1_hat", "mu0_hat", "score"):
+        np.testing.assert_allclose(m[c], m[f"{c}_one"], rtol=0, atol=1e-9, err_msg=c)
+
+
 # ----------------------------------------------------------------------------- slow tier
 
 
@@ -553,8 +644,8 @@ def test_a_repeated_key_is_found_by_the_distributed_check_too(ray_session, tmp_p
     check_unique_key(str(folder / "part-0.parquet"), "id", KEY_CHECK_IN_DRIVER_ROWS + 1)
 
 
-@pytest.mark.slow
-def test_one_and_two_workers_give_identical_scores(fitted, tmp_path):
+@pytest.mark.slow  # one Ray Data pass per Newton step
+def test_one_streaming_worker_gives_the_scores_of_two(fitted, tmp_path):
     """One worker streaming its shard from Ray Data on every Newton pass (cache_gb 0)
     against two workers holding theirs in memory: the same scores."""
     from distributed_hte.runner import run_job

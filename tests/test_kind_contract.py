@@ -138,7 +138,13 @@ def _aipw_segments(tmp: Path) -> tuple[dict, Path]:
             "categorical_features": ["category"],
         },
         "segments": [{"column": "category"}, {"column": "item_exposures", "quantiles": 3}],
-        "estimate": {"min_rows": 100, "min_treated": 10, "min_control": 50},
+        "estimate": {
+            "min_rows": 100,
+            "min_treated": 10,
+            "min_control": 50,
+            "min_treated_events": 2,
+            "min_control_events": 2,
+        },
     }
     return spec, out / "data"
 

@@ -194,7 +194,7 @@ class AipwSegmentsKind(Kind):
             from distributed_hte.estimators.crossfit import stratified_cuts
 
             cuts = stratified_cuts(sum(s["unit_hist"] for s in scan), e.folds)
-        segments = [self._segment_rule(spec, s, scan) for s in spec.segments]
+        segments = [self._segment_rule(spec, s, scan, link) for s in spec.segments]
         design = Design(
             key=d.key,
             treatment=d.treatment,
@@ -306,13 +306,19 @@ class AipwSegmentsKind(Kind):
                         "widen the first or last edge (.inf is allowed)"
                     )
 
-    def _segment_rule(self, spec: AipwSegmentsSpec, seg, scan: list[dict]) -> SegmentRule:
+    def _segment_rule(
+        self, spec: AipwSegmentsSpec, seg, scan: list[dict], link: str
+    ) -> SegmentRule:
         e = spec.estimate
         limits = {
             "min_rows": seg.min_rows if seg.min_rows is not None else e.min_rows,
             "min_treated": seg.min_treated if seg.min_treated is not None else e.min_treated,
             "min_control": seg.min_control if seg.min_control is not None else e.min_control,
         }
+        if link == "logit":  # expected events mean something for a binary outcome only
+            for f in ("min_treated_events", "min_control_events"):
+                own = getattr(seg, f)
+                limits[f] = float(own if own is not None else getattr(e, f))
         kind = seg.kind_of()
         if kind == "values":
             levels = sorted({v for s in scan for v in s["seg_values"][seg.column]})

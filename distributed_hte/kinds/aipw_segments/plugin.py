@@ -44,8 +44,10 @@ MAX_QUANTILE_VALUES = 200_000  # distinct values a quantile segmentation counts 
 # Per-segment sums, in this order (one column of a (segments, STATS) array).
 STATS = (
     "n", "n_t", "sy_t", "sy_c", "syy_t", "syy_c", "spsi", "spsi2", "n_clip", "se_t", "se_c",
-    "s_tau", "n_tau", "spsi3",
+    "s_tau", "n_tau", "spsi3", "ev_t", "ev_c",
 )  # fmt: skip
+# ev_t, ev_c: expected outcomes Σ t·μ̂1 and Σ (1 − t)·μ̂0 from the out-of-fold outcome
+# model (the events filter; see SegmentRule)
 _S = {name: i for i, name in enumerate(STATS)}
 RESULT_FILE = "nuisance.npz"
 
@@ -91,6 +93,11 @@ class SegmentRule:
     min_rows: int = 1000
     min_treated: int = 50
     min_control: int = 500
+    # Binary outcomes: the expected count of the rarer outcome value among a segment's
+    # treated (control) rows, from the out-of-fold outcome model, min(Σ μ̂, Σ (1 − μ̂)).
+    # 0 turns the filter off (continuous outcomes; bundles written before it existed).
+    min_treated_events: float = 0.0
+    min_control_events: float = 0.0
 
     def codes(self, col: Any) -> np.ndarray:
         if self.rule == "values":
@@ -573,6 +580,11 @@ def score_block(
     cols[:, _S["n_clip"]] = clipped
     cols[:, _S["se_t"]] = t * e
     cols[:, _S["se_c"]] = (1 - t) * e
+    if design.link == "logit":  # expected events: binary outcomes only (NaN otherwise)
+        cols[:, _S["ev_t"]] = t * pred["mu1"]
+        cols[:, _S["ev_c"]] = (1 - t) * pred["mu0"]
+    else:
+        cols[:, _S["ev_t"]] = cols[:, _S["ev_c"]] = np.nan
     if tau is not None:
         cols[:, _S["s_tau"]] = as_float(batch[tau])
         cols[:, _S["n_tau"]] = 1.0

@@ -38,6 +38,22 @@ def naive_effect(g: np.ndarray) -> dict[str, float]:
     return {"estimate": float(m_t - m_c), "se": float(np.sqrt(v_t / n_t + v_c / n_c))}
 
 
+def expected_events(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per segment, the expected count of the rarer outcome value among its treated and
+    its control rows, ``min(Σ μ̂, Σ (1 − μ̂))`` over the arm's rows with the out-of-fold
+    outcome model (meaningful for binary outcomes). ``s``: ``(G, len(STATS))`` sums.
+
+    Why expected and not observed events: the information about a segment's effect with
+    a binary outcome sits in its events (a treated click weighs 1/ê), but a filter on the
+    *observed* count keeps a segment exactly when it drew many events, which biases the
+    kept estimates upward; the model's expectation does not depend on the segment's own
+    outcomes (out of fold), so filtering on it does not select on the estimate.
+    """
+    n_t, n_c = s[:, _S["n_t"]], s[:, _S["n"]] - s[:, _S["n_t"]]
+    ev_t, ev_c = s[:, _S["ev_t"]], s[:, _S["ev_c"]]
+    return np.minimum(ev_t, n_t - ev_t), np.minimum(ev_c, n_c - ev_c)
+
+
 def segment_tables(
     rules: list[SegmentRule], sums: dict[str, np.ndarray], level: float
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
@@ -48,6 +64,7 @@ def segment_tables(
         s = sums[rule.column][: len(rule.labels)]  # the last row: outside (none on fit data)
         n, n_t = s[:, _S["n"]], s[:, _S["n_t"]]
         n_c = n - n_t
+        ev_t, ev_c = expected_events(s)
         why = []
         for j in range(len(rule.labels)):
             reasons = []
@@ -57,6 +74,14 @@ def segment_tables(
                 reasons.append(f"treated {int(n_t[j])} < {rule.min_treated}")
             if n_c[j] < rule.min_control:
                 reasons.append(f"control {int(n_c[j])} < {rule.min_control}")
+            if ev_t[j] < rule.min_treated_events:
+                reasons.append(
+                    f"expected treated events {ev_t[j]:.1f} < {rule.min_treated_events:g}"
+                )
+            if ev_c[j] < rule.min_control_events:
+                reasons.append(
+                    f"expected control events {ev_c[j]:.1f} < {rule.min_control_events:g}"
+                )
             why.append("; ".join(reasons))
         keep = np.array([w == "" for w in why]) & (n > 1)
         for j in np.flatnonzero(~keep):
@@ -69,6 +94,8 @@ def segment_tables(
                     "rows": int(n[j]),
                     "treated_rows": int(n_t[j]),
                     "control_rows": int(n_c[j]),
+                    "expected_treated_events": float(ev_t[j]),
+                    "expected_control_events": float(ev_c[j]),
                     "reason": why[j] or "fewer than 2 rows",
                 }
             )
@@ -100,6 +127,8 @@ def segment_tables(
         frame["mean_propensity_control"] = k[:, _S["se_c"]] / np.maximum(
             k[:, _S["n"]] - k[:, _S["n_t"]], 1
         )
+        frame["expected_treated_events"] = ev_t[idx]
+        frame["expected_control_events"] = ev_c[idx]
         if k[:, _S["n_tau"]].sum() > 0:
             frame["true_effect"] = k[:, _S["s_tau"]] / np.maximum(k[:, _S["n_tau"]], 1)
         rows.append(frame)
@@ -125,7 +154,16 @@ def segment_tables(
         table[c] = table[c].astype(np.int64)
     filtered = pd.DataFrame(
         dropped,
-        columns=["segment_col", "segment", "rows", "treated_rows", "control_rows", "reason"],
+        columns=[
+            "segment_col",
+            "segment",
+            "rows",
+            "treated_rows",
+            "control_rows",
+            "expected_treated_events",
+            "expected_control_events",
+            "reason",
+        ],  # fmt: skip
     )
     return table, filtered, per
 

@@ -56,6 +56,8 @@ class SegmentationSpec(StrictModel):
     min_rows: int | None = Field(None, ge=1, description="overrides estimate.min_rows")
     min_treated: int | None = Field(None, ge=0)
     min_control: int | None = Field(None, ge=0)
+    min_treated_events: float | None = Field(None, ge=0)
+    min_control_events: float | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _one_rule(self) -> SegmentationSpec:
@@ -92,6 +94,16 @@ class AipwEstimateSpec(StrictModel):
     min_rows: int = Field(1000, ge=1)
     min_treated: int = Field(50, ge=0)
     min_control: int = Field(500, ge=0)
+    min_treated_events: float = Field(
+        25.0,
+        ge=0,
+        description="binary outcomes: a segment needs at least this many expected events "
+        "(of the rarer outcome value) among its treated rows, Σ μ̂1 by the out-of-fold "
+        "outcome model; below it the normal interval under-covers (benchmarks/README.md)",
+    )
+    min_control_events: float = Field(
+        25.0, ge=0, description="the same among a segment's control rows (Σ μ̂0)"
+    )
     level: float = Field(0.95, gt=0, lt=1)
 
 

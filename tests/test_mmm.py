@@ -47,6 +47,7 @@ WORKERS_ROI_REL = 0.03
 WORKERS_SHARE_PP = 1.0
 WORKERS_RMSE_REL = 0.02
 REPLICAS = 2
+OPT_NOISE_REL = 0.02
 CHANNELS3 = ["tv", "search", "social"]
 
 
@@ -461,6 +462,76 @@ def test_decomposition_adds_up_to_the_prediction(small_run):
         assert math.isclose(ch.loc[c, "contribution"], fit[c].sum(), rel_tol=1e-6)
 
 
+def test_predict_a_plan_of_history_weeks_gives_the_in_sample_fit(small_run, tmp_path):
+    run, tmp = small_run
+    kind = get_kind("mmm")
+    data = pd.read_parquet(tmp / "sim" / "data")
+    full = tmp_path / "full"
+    kind.predict(run, str(tmp / "sim" / "data"), full)
+    last = sorted(data["week"].unique())[-10:]
+    plan = data[data["week"].isin(last)].drop(columns=["kpi"])
+    folder = tmp_path / "plan"
+    folder.mkdir()
+    plan.to_parquet(folder / "part-0.parquet", index=False)
+    info = kind.predict(run, str(folder), tmp_path / "pred")
+    got = pd.read_parquet(tmp_path / "pred").set_index(["region", "week"]).sort_index()
+    assert info["rows"] == len(got) == 40 * 10
+    assert not got["future"].any()
+    want = pd.read_parquet(full).set_index(["region", "week"]).loc[got.index]
+    for col in ["prediction", "baseline", "trend", "seasonality", "price", *CHANNELS3]:
+        np.testing.assert_allclose(got[col], want[col], rtol=1e-9, atol=1e-9, err_msg=col)
+    assert got["holdout"].equals(want["holdout"])
+
+
+def test_predict_future_weeks_without_media_shows_decaying_carry_over(small_run, tmp_path):
+    run, tmp = small_run
+    data = pd.read_parquet(tmp / "sim" / "data")
+    last_week = pd.Timestamp(max(data["week"]))
+    tail = data[data["week"] == max(data["week"])]
+    weeks = [str((last_week + pd.Timedelta(weeks=i)).date()) for i in range(1, 17)]
+    plan = pd.concat([tail.assign(week=w) for w in weeks], ignore_index=True)
+    plan[CHANNELS3] = 0.0
+    folder = tmp_path / "plan"
+    folder.mkdir()
+    plan.drop(columns=["kpi"]).to_parquet(folder / "part-0.parquet", index=False)
+    get_kind("mmm").predict(run, str(folder), tmp_path / "pred")
+    got = pd.read_parquet(tmp_path / "pred")
+    assert got["future"].all() and sorted(got["week"].unique()) == weeks
+    by_week = got.groupby("week")[CHANNELS3].sum().loc[weeks]
+    max_lag = json.loads((run / "model" / "bundle.json").read_text())["config"]["plugin"]
+    max_lag = max_lag["model"]["max_lag"]
+    for c in CHANNELS3:
+        v = by_week[c].to_numpy()
+        assert v[0] > 0, f"{c}: carry-over from the history into the first plan week"
+        assert np.all(np.diff(v[: max_lag - 1]) <= 0.02 * v[0]), (c, v)
+        assert v[max_lag - 2] < 0.2 * v[0], (c, v)
+        assert np.all(v[max_lag - 1 :] == 0.0), f"{c}: no carry-over beyond max_lag weeks"
+    parts = ["baseline", "trend", "seasonality", "price", "promo", *CHANNELS3]
+    np.testing.assert_allclose(got[parts].sum(axis=1), got["prediction"], rtol=SUM_REL)
+
+
+def test_predict_refuses_a_plan_it_cannot_carry_on(small_run, tmp_path):
+    run, tmp = small_run
+    data = pd.read_parquet(tmp / "sim" / "data")
+    weeks = sorted(data["week"].unique())
+    kind = get_kind("mmm")
+    gap = data[data["week"].isin(weeks[-5:]) & (data["week"] != weeks[-3])]
+    late = data[data["week"] == weeks[-1]].assign(
+        week=str((pd.Timestamp(weeks[-1]) + pd.Timedelta(weeks=3)).date())
+    )
+    for name, frame, msg in (
+        ("gap", gap, "exactly one row for every week"),
+        ("late", late, "starts within the history or the week after it"),
+        ("neg", data.assign(tv=-1.0), "negative activity"),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        frame.to_parquet(folder / "part-0.parquet", index=False)
+        with pytest.raises(DataError, match=msg):
+            kind.predict(run, str(folder), tmp_path / f"out-{name}")
+        assert not (tmp_path / f"out-{name}").exists()
+
+
 def test_budget_meets_its_constraints(small_run):
     run, _ = small_run
     b = json.loads((run / "budget.json").read_text())
@@ -521,10 +592,12 @@ def test_intervals_bracket_the_estimate_and_are_reproducible(small_run, tmp_path
         assert np.all(low <= high), stat
         assert np.all(high > low), f"{stat}: the replicas differ"
         # Sensible: the point estimate lies within the interval widened by its own width
-        # (a percentile interval of a few replicas need not contain it) and the interval is
-        # narrow next to the estimate.
+        # and by the fit's optimisation noise (a percentile interval of a few replicas
+        # need not contain it; 1 vs 2 workers move ROIs by up to 0.3 %), and the interval
+        # is narrow next to the estimate.
         width = high - low
-        assert np.all((est >= low - width) & (est <= high + width)), (stat, ch)
+        slack = width + OPT_NOISE_REL * est.abs()
+        assert np.all((est >= low - slack) & (est <= high + slack)), (stat, ch)
         assert np.all(width < 0.5 * est.abs()), (stat, ch)
     # Each interval is the 5-95 % range of the replicas' values.
     wide = reps.pivot(index="replica", columns="channel", values="roi")

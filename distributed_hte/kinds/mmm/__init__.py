@@ -3,11 +3,15 @@
 prepare: read and check the long table (:mod:`distributed_hte.kinds.mmm.data`), build
 the dense panel (ragged regions masked), fit the scalers once on the fit weeks and
 initialise Hill's ``K`` from data percentiles. fit: Ray Train DDP through the generic
-loop, one sample per region (regions sharded across workers), the last
-``data.holdout_weeks`` of each region never seen → model bundle with the scalers.
-evaluate / report: decompose the panel with the fitted model (driver side: a panel is
-small) → metrics.json, channels.csv/.parquet, contributions.parquet,
-response_curves.parquet, budget.json (with ``optimize:``) and plots.
+loop, one sample per region (regions sharded across workers; ``train.batch_size`` is
+the global batch, so any worker count takes the same steps), the last
+``data.holdout_weeks`` of each region never seen → model bundle with the scalers and the
+history (for predict); with ``uncertainty:``, region-bootstrap replicas through the same
+fit (:mod:`distributed_hte.kinds.mmm.replicas`). evaluate / report: decompose the panel
+with the fitted model (driver side: a panel is small) → metrics.json,
+channels.csv/.parquet (with ``_low``/``_high`` intervals from the replicas),
+contributions.parquet, response_curves.parquet, budget.json (with ``optimize:``) and
+plots. predict: a media plan's weeks, carrying on from the history.
 """
 
 from __future__ import annotations
@@ -216,6 +220,15 @@ class MmmKind(Kind):
             with open(path, "wb") as f:
                 np.savez(f, **arrays)
 
+        p = prepared.panel
+
+        def save_history(path: Path) -> None:
+            # What predict needs to carry a plan on from the history: the media (adstock)
+            # and the controls and calendar the GRU has run over.
+            with open(path, "wb") as f:
+                np.savez_compressed(f, media=p.media, controls=p.controls,
+                                    observed=p.observed, holdout=p.holdout)  # fmt: skip
+
         toolkit.save_bundle(
             run.path,
             self.name,
@@ -226,7 +239,11 @@ class MmmKind(Kind):
                 "regions": prepared.panel.regions,
                 "week_labels": prepared.panel.week_labels,
             },
-            {"state.pt": lambda path: torch.save(state, path), "scalers.npz": save_scalers},
+            {
+                "state.pt": lambda path: torch.save(state, path),
+                "scalers.npz": save_scalers,
+                "history.npz": save_history,
+            },
         )
         if spec.uncertainty is not None:
             from distributed_hte.kinds.mmm.replicas import fit_replicas
@@ -287,22 +304,77 @@ class MmmKind(Kind):
 
     # -- predict ----------------------------------------------------------------------
     def predict(self, run_dir: Path, data_path: str, out_path: Path) -> dict[str, Any]:
-        """Score a panel of the model's regions and week grid: the predicted KPI and every
-        component per region-week (carry-over within the given weeks)."""
+        """KPI and every component for the weeks of a plan, carrying on from the history.
+
+        ``data_path``: region, week, media and control columns (a KPI column is ignored)
+        for consecutive weeks of some of the model's regions. The plan replaces the
+        history from its first week, which is at most the week after the history; the
+        history before it gives the carry-over (adstock) and runs the GRU up to it. So a
+        plan of future weeks is a forecast, and a plan equal to history weeks gives the
+        in-sample decomposition. Output per region-week: ``prediction``, one column per
+        component, ``future`` (after the history) and ``holdout`` (one of the fit's
+        held-out weeks).
+        """
         import ray.data
 
+        from distributed_hte.kinds.mmm.data import grid_labels, read_plan
         from distributed_hte.kinds.mmm.plugin import decompose
-        from distributed_hte.kinds.mmm.report import components_frame
 
         bundle = toolkit.load_bundle(run_dir, self.name)
         toolkit.check_new_output(out_path)
+        if "history" not in bundle.files:
+            raise DataError(
+                f"{run_dir} was fitted before mmm runs kept their history (model/history.npz); "
+                "predict needs it for the carry-over: fit the run again"
+            )
         plugin, model, scalers = self._bundle_parts(bundle)
         cols = Columns(**bundle.config["columns"])
-        cols.expected = None
-        panel = _align(read_panel(data_path, cols), bundle)
-        week = np.arange(len(panel.week_labels), dtype=np.float64)
-        dec = decompose(model, scaled(panel, scalers), scalers.kpi_scale, week)
-        frame = components_frame(panel, dec, plugin.model, wide=True)
+        labels = bundle.config["week_labels"]
+        plan = read_plan(data_path, cols, bundle.config["regions"], labels)
+        with np.load(bundle.path("history"), allow_pickle=False) as z:
+            hist = {k: z[k] for k in ("media", "controls", "holdout")}
+        r, s, w = plan.region_index, plan.start, plan.weeks
+        media = np.concatenate([hist["media"][r, :s], plan.media], axis=1)
+        controls = np.concatenate([hist["controls"][r, :s], plan.controls], axis=1)
+        inputs = {
+            "y": np.zeros(media.shape[:2]),
+            "media": media / scalers.media_scale[r, None, :],
+            "controls": (controls - scalers.control_mean) / scalers.control_sd,
+        }
+        week = np.arange(s + w, dtype=np.float64)
+        dec = decompose(model, inputs, scalers.kpi_scale[r], week, region=r)
+        cfg = plugin.model
+        cols_out: dict[str, np.ndarray] = {
+            "prediction": dec["pred"][:, s:],
+            "baseline": dec["baseline"][:, s:],
+            "trend": dec["trend"][:, s:],
+            "seasonality": dec["seasonality"][:, s:],
+        }
+        for k, name in enumerate(cfg.controls):
+            cols_out[name] = dec["controls"][:, s:, k]
+        for c, name in enumerate(cfg.channels):
+            cols_out[name] = dec["media"][:, s:, c]
+        t_hist = len(labels)
+        idx = np.arange(s, s + w)
+        held = np.zeros((len(r), w), dtype=bool)
+        inside = idx < t_hist
+        held[:, inside] = hist["holdout"][r][:, idx[inside]]
+        regions = np.asarray(bundle.config["regions"], dtype=object)[r]
+        import pandas as pd
+
+        frame = pd.DataFrame(
+            {
+                "region": np.repeat(regions, w),
+                "week": np.tile(np.asarray(grid_labels(labels, s + w)[s:], dtype=object), len(r)),
+                **{k: v.ravel() for k, v in cols_out.items()},
+                "future": np.tile(idx >= t_hist, len(r)),
+                "holdout": held.ravel(),
+            }
+        )
+        log.info(
+            "[predict] %d region(s) × %d week(s) from %s (%d after the history)",
+            len(r), w, frame["week"].iloc[0], int((idx >= t_hist).sum()),
+        )  # fmt: skip
         return toolkit.write_predictions(ray.data.from_pandas(frame), out_path)
 
 

@@ -360,6 +360,16 @@ def test_fit_metrics_against_direct_formulas():
     assert math.isclose(got["r2_within_region"], 1 - (e @ e) / within)
 
 
+def test_embedded_ray_has_room_for_two_replicas_beside_ray_data():
+    from distributed_hte.runner import ray_target_for
+    from distributed_hte.runtime import DATA_CPUS
+
+    base = {"name": "u", "kind": "mmm", "simulate": {}, "scaling": {"num_workers": 1}}
+    assert ray_target_for(validate_spec(base)).num_cpus >= 1 + DATA_CPUS
+    with_u = validate_spec({**base, "uncertainty": {"replicas": 5}})
+    assert ray_target_for(with_u).num_cpus >= 2 + DATA_CPUS
+
+
 def test_spec_rejects_what_it_cannot_use():
     base = {"name": "x", "kind": "mmm", "data": {"path": "/tmp/x", "media": ["tv"]}}
     with pytest.raises(SpecError, match="spend column for every channel"):

@@ -542,6 +542,62 @@ def test_predict_refuses_a_plan_it_cannot_carry_on(small_run, tmp_path):
         assert not (tmp_path / f"out-{name}").exists()
 
 
+def test_warm_start_keeps_the_source_scalers_and_weights(small_run, tmp_path):
+    """A refresh on fewer weeks and a subset of regions: the known regions keep the
+    source's scalers and baselines, every other weight is the source's."""
+    from distributed_hte.kinds.mmm import MmmKind
+    from distributed_hte.kinds.toolkit import load_bundle
+
+    run, tmp = small_run
+    data = pd.read_parquet(tmp / "sim" / "data")
+    weeks = sorted(data["week"].unique())[:60]
+    regions = sorted(data["region"].unique())[5:25]
+    folder = tmp_path / "refresh"
+    folder.mkdir()
+    sub = data[data["week"].isin(weeks) & data["region"].isin(regions)]
+    sub.to_parquet(folder / "part-0.parquet", index=False)
+    spec = validate_spec(
+        {
+            "name": "refresh",
+            "kind": "mmm",
+            "data": {
+                "path": str(folder),
+                "media": CHANNELS3,
+                "spend": {c: f"{c}_spend" for c in CHANNELS3},
+                "controls": ["price", "promo"],
+            },
+            "outputs": {"dir": str(tmp_path)},
+        }
+    )
+    kind = MmmKind()
+    assert "scalers" in kind.warm_start
+    prepared = kind.prepare(spec)
+    fresh = prepared.scalers.kpi_scale.copy()
+    source = load_bundle(run, "mmm")
+    state = kind.warm_start_state(spec, prepared, source)
+    with np.load(source.path("scalers")) as z:
+        old_kpi, old_media, old_mean = z["kpi_scale"], z["media_scale"], z["control_mean"]
+    at = [source.config["regions"].index(r) for r in prepared.panel.regions]
+    np.testing.assert_array_equal(prepared.scalers.kpi_scale, old_kpi[at])
+    np.testing.assert_array_equal(prepared.scalers.media_scale, old_media[at])
+    np.testing.assert_array_equal(prepared.scalers.control_mean, old_mean)
+    assert not np.allclose(fresh, old_kpi[at]), "the refresh's own scalers differ"
+    src = source.state_dict()
+    torch.testing.assert_close(state["baseline.weight"], src["baseline.weight"][at])
+    for k, v in src.items():
+        if k != "baseline.weight":
+            torch.testing.assert_close(state[k], v)
+    # A different first week, or other channels, cannot warm start.
+    late = tmp_path / "late"
+    late.mkdir()
+    data[data["week"].isin(weeks[2:])].to_parquet(late / "part-0.parquet", index=False)
+    spec_late = validate_spec(
+        {**spec.to_dict(), "data": {**spec.to_dict()["data"], "path": str(late)}}
+    )
+    with pytest.raises(DataError, match="start at"):
+        kind.warm_start_state(spec_late, kind.prepare(spec_late), source)
+
+
 def test_budget_meets_its_constraints(small_run):
     run, _ = small_run
     b = json.loads((run / "budget.json").read_text())

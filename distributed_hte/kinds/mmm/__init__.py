@@ -102,8 +102,11 @@ def per_worker_batch(spec: MmmSpec) -> MmmSpec:
 class MmmKind(Kind):
     name = "mmm"
     spec_class = MmmSpec
-    warm_start = None
-    cannot_warm_start = "init_from for mmm is not built yet (a refresh must reuse the scalers)"
+    warm_start = (
+        "the source model's weights and its scalers for the regions it knew, so a refresh "
+        "stays on the source's scale; regions new to it get fresh scalers and the initial "
+        "baseline. Same channels, controls and first week required"
+    )
     artefacts = [
         "channels.csv",
         "channels.parquet",
@@ -192,8 +195,13 @@ class MmmKind(Kind):
         import torch
 
         from distributed_hte.kinds.mmm.plugin import MmmPlugin, region_rows
-        from distributed_hte.train.trainer import fit, training_summary
+        from distributed_hte.train.trainer import fit, training_summary, warm_started
 
+        if warm_started(run.path) and run.file("init", "source.json").exists():
+            # A warm start's scalers (the life cycle maps the weights before the fit; on a
+            # resume it does not, so apply them here too: idempotent).
+            source = json.loads(run.file("init", "source.json").read_text())["run_dir"]
+            reuse_scalers(prepared, toolkit.load_bundle(source, self.name))
         plugin = MmmPlugin(self.model_config(spec, prepared))
         p = prepared.panel
         rows = region_rows(scaled(p, prepared.scalers), p.fit, prepared.week)
@@ -249,6 +257,41 @@ class MmmKind(Kind):
             from distributed_hte.kinds.mmm.replicas import fit_replicas
 
             fit_replicas(spec, prepared, plugin, run.path)
+
+    # -- warm start -------------------------------------------------------------------
+    def warm_start_state(
+        self, spec: MmmSpec, prepared: MmmPrepared, source: ModelBundle
+    ) -> dict[str, Any]:
+        """The source's weights mapped onto this spec's model (baselines by region id);
+        ``prepared.scalers`` take the source's scalers (see :func:`reuse_scalers`)."""
+        import torch
+
+        from distributed_hte.models.mmm import DeepMMM
+
+        src_state = reuse_scalers(prepared, source)
+        model = DeepMMM(self.model_config(spec, prepared))
+        state = model.state_dict()
+        pos = {r: i for i, r in enumerate(source.config["regions"])}
+        known = [(i, pos[r]) for i, r in enumerate(prepared.panel.regions) if r in pos]
+        for k, v in src_state.items():
+            if k == "baseline.weight":
+                if known:
+                    new_i, old_i = (torch.as_tensor(x) for x in zip(*known, strict=True))
+                    state[k][new_i] = v[old_i].to(state[k].dtype)
+            elif k in state and state[k].shape == v.shape:
+                state[k] = v.clone()
+            else:
+                raise SpecError(
+                    f"retrain.init_from: the source model's {k} has shape {tuple(v.shape)}, "
+                    f"this spec's {tuple(state[k].shape) if k in state else 'none'}; a warm "
+                    "start needs the same model settings (model.hidden, model.fourier, "
+                    "model.adstock)"
+                )
+        log.info(
+            "[warm start] from %s: %d of %d regions known (their scalers and baselines kept)",
+            source.run_dir, len(known), len(prepared.panel.regions),
+        )  # fmt: skip
+        return state
 
     # -- evaluate / report ------------------------------------------------------------
     @staticmethod
@@ -376,6 +419,40 @@ class MmmKind(Kind):
             len(r), w, frame["week"].iloc[0], int((idx >= t_hist).sum()),
         )  # fmt: skip
         return toolkit.write_predictions(ray.data.from_pandas(frame), out_path)
+
+
+def reuse_scalers(prepared: MmmPrepared, source: ModelBundle) -> dict[str, Any]:
+    """Give ``prepared`` the source bundle's scalers (idempotent); return its state.
+
+    Regions the source knew keep its ``kpi_scale`` and ``media_scale``; the controls keep
+    its mean and SD. Regions new to it keep the scalers fitted on this data. DataError
+    when the channels, controls or the week grid's first week differ.
+    """
+    cols = Columns(**source.config["columns"])
+    if cols.media != prepared.columns.media or cols.controls != prepared.columns.controls:
+        raise DataError(
+            f"retrain.init_from: the source model has channels {cols.media} and controls "
+            f"{cols.controls}; this data has {prepared.columns.media} and "
+            f"{prepared.columns.controls}: a warm start needs the same ones"
+        )
+    first = source.config["week_labels"][0]
+    if prepared.panel.week_labels[0] != first:
+        raise DataError(
+            f"retrain.init_from: the source model's weeks start at {first}, this data's at "
+            f"{prepared.panel.week_labels[0]}; seasonality and trend count weeks from the "
+            "first one, so a refresh keeps the source's first week (append weeks, do not drop)"
+        )
+    with np.load(source.path("scalers"), allow_pickle=False) as z:
+        old = Scalers.from_arrays(dict(z))
+    pos = {r: i for i, r in enumerate(source.config["regions"])}
+    s = prepared.scalers
+    for i, r in enumerate(prepared.panel.regions):
+        if r in pos:
+            s.kpi_scale[i] = old.kpi_scale[pos[r]]
+            s.media_scale[i] = old.media_scale[pos[r]]
+    s.control_mean[:] = old.control_mean
+    s.control_sd[:] = old.control_sd
+    return source.state_dict()
 
 
 def _align(panel: Panel, bundle: ModelBundle) -> Panel:

@@ -30,7 +30,11 @@ def ray_target_for(spec: JobSpec, cli_address: str | None = None) -> RayTarget:
     if spec.tune is not None:
         trials = spec.tune.max_concurrent_trials or 1
     cpw = float((spec.scaling.resources_per_worker or {}).get("CPU", 1))
-    num_cpus = spec.runtime.num_cpus or embedded_num_cpus(spec.scaling.num_workers, cpw, trials)
+    workers = spec.scaling.num_workers
+    uncertainty = getattr(spec, "uncertainty", None)
+    if uncertainty is not None:  # bootstrap replicas (mmm): room for two side by side
+        workers = max(workers, min(uncertainty.replicas, 2) * uncertainty.workers)
+    num_cpus = spec.runtime.num_cpus or embedded_num_cpus(workers, cpw, trials)
     return resolve_target(cli_address, spec.runtime.address, num_cpus, spec.runtime.object_store_gb)
 
 

@@ -3,17 +3,22 @@
 prepare: read and check the long table (:mod:`distributed_hte.kinds.mmm.data`), build
 the dense panel (ragged regions masked), fit the scalers once on the fit weeks and
 initialise Hill's ``K`` from data percentiles. fit: Ray Train DDP through the generic
-loop, one sample per region (regions sharded across workers), the last
-``data.holdout_weeks`` of each region never seen → model bundle with the scalers.
-evaluate / report: decompose the panel with the fitted model (driver side: a panel is
-small) → metrics.json, channels.csv/.parquet, contributions.parquet,
-response_curves.parquet, budget.json (with ``optimize:``) and plots.
+loop, one sample per region (regions sharded across workers; ``train.batch_size`` is
+the global batch, so any worker count takes the same steps), the last
+``data.holdout_weeks`` of each region never seen → model bundle with the scalers and the
+history (for predict); with ``uncertainty:``, region-bootstrap replicas through the same
+fit (:mod:`distributed_hte.kinds.mmm.replicas`). evaluate / report: decompose the panel
+with the fitted model (driver side: a panel is small) → metrics.json,
+channels.csv/.parquet (with ``_low``/``_high`` intervals from the replicas),
+contributions.parquet, response_curves.parquet, budget.json (with ``optimize:``) and
+plots. predict: a media plan's weeks, carrying on from the history.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -76,11 +81,32 @@ def hill_k_init(panel: Panel, scalers: Scalers, percentile: float, max_lag: int)
     return out
 
 
+def per_worker_batch(spec: MmmSpec) -> MmmSpec:
+    """``spec`` with ``train.batch_size`` per worker, as the generic loop reads it.
+
+    For mmm, ``train.batch_size`` is the global batch (regions per optimiser step, all
+    workers together). DDP averages the workers' mean gradients, so with equal per-worker
+    batches of ``batch_size / num_workers`` a step of W workers is a step over
+    ``batch_size`` regions, and an epoch has the same number of steps (and the LR schedule
+    the same length) for any W. With ``batch_size`` per worker, as before, two workers
+    took half the steps of one at twice the batch and gave ROIs up to 15 % apart on the
+    40-region test panel.
+    """
+    w = spec.scaling.num_workers
+    if w == 1:
+        return spec
+    per = max(1, math.ceil(spec.train.batch_size / w))
+    return spec.model_copy(update={"train": spec.train.model_copy(update={"batch_size": per})})
+
+
 class MmmKind(Kind):
     name = "mmm"
     spec_class = MmmSpec
-    warm_start = None
-    cannot_warm_start = "init_from for mmm is not built yet (a refresh must reuse the scalers)"
+    warm_start = (
+        "the source model's weights and its scalers for the regions it knew, so a refresh "
+        "stays on the source's scale; regions new to it get fresh scalers and the initial "
+        "baseline. Same channels, controls and first week required"
+    )
     artefacts = [
         "channels.csv",
         "channels.parquet",
@@ -169,8 +195,13 @@ class MmmKind(Kind):
         import torch
 
         from distributed_hte.kinds.mmm.plugin import MmmPlugin, region_rows
-        from distributed_hte.train.trainer import fit, training_summary
+        from distributed_hte.train.trainer import fit, training_summary, warm_started
 
+        if warm_started(run.path) and run.file("init", "source.json").exists():
+            # A warm start's scalers (the life cycle maps the weights before the fit; on a
+            # resume it does not, so apply them here too: idempotent).
+            source = json.loads(run.file("init", "source.json").read_text())["run_dir"]
+            reuse_scalers(prepared, toolkit.load_bundle(source, self.name))
         plugin = MmmPlugin(self.model_config(spec, prepared))
         p = prepared.panel
         rows = region_rows(scaled(p, prepared.scalers), p.fit, prepared.week)
@@ -179,12 +210,14 @@ class MmmKind(Kind):
         # Each pass is its own block, so shuffled block order mixes the passes.
         ds = ray.data.from_items(rows * passes, override_num_blocks=passes).materialize()
         log.info(
-            "[fit] %d regions × %d passes per epoch, %d workers%s, %d epochs, batch %d regions",
+            "[fit] %d regions × %d passes per epoch, %d workers%s, %d epochs, %d regions per step",
             len(rows), passes, spec.scaling.num_workers,
             " on GPU" if spec.scaling.use_gpu else "", spec.train.epochs, spec.train.batch_size,
         )  # fmt: skip
         t0 = time.perf_counter()
-        result = fit(spec, plugin, {"train": ds}, n_train, run.path, callbacks=callbacks)
+        result = fit(
+            per_worker_batch(spec), plugin, {"train": ds}, n_train, run.path, callbacks=callbacks
+        )
         summary = training_summary(result, time.perf_counter() - t0, spec.scaling.num_workers)
         summary.update(prepare_seconds=prepared.prepare_seconds, regions=len(rows))
         state = torch.load(result.best_model_path, map_location="cpu", weights_only=True)
@@ -194,6 +227,15 @@ class MmmKind(Kind):
         def save_scalers(path: Path) -> None:
             with open(path, "wb") as f:
                 np.savez(f, **arrays)
+
+        p = prepared.panel
+
+        def save_history(path: Path) -> None:
+            # What predict needs to carry a plan on from the history: the media (adstock)
+            # and the controls and calendar the GRU has run over.
+            with open(path, "wb") as f:
+                np.savez_compressed(f, media=p.media, controls=p.controls,
+                                    observed=p.observed, holdout=p.holdout)  # fmt: skip
 
         toolkit.save_bundle(
             run.path,
@@ -205,8 +247,51 @@ class MmmKind(Kind):
                 "regions": prepared.panel.regions,
                 "week_labels": prepared.panel.week_labels,
             },
-            {"state.pt": lambda path: torch.save(state, path), "scalers.npz": save_scalers},
+            {
+                "state.pt": lambda path: torch.save(state, path),
+                "scalers.npz": save_scalers,
+                "history.npz": save_history,
+            },
         )
+        if spec.uncertainty is not None:
+            from distributed_hte.kinds.mmm.replicas import fit_replicas
+
+            fit_replicas(spec, prepared, plugin, run.path)
+
+    # -- warm start -------------------------------------------------------------------
+    def warm_start_state(
+        self, spec: MmmSpec, prepared: MmmPrepared, source: ModelBundle
+    ) -> dict[str, Any]:
+        """The source's weights mapped onto this spec's model (baselines by region id);
+        ``prepared.scalers`` take the source's scalers (see :func:`reuse_scalers`)."""
+        import torch
+
+        from distributed_hte.models.mmm import DeepMMM
+
+        src_state = reuse_scalers(prepared, source)
+        model = DeepMMM(self.model_config(spec, prepared))
+        state = model.state_dict()
+        pos = {r: i for i, r in enumerate(source.config["regions"])}
+        known = [(i, pos[r]) for i, r in enumerate(prepared.panel.regions) if r in pos]
+        for k, v in src_state.items():
+            if k == "baseline.weight":
+                if known:
+                    new_i, old_i = (torch.as_tensor(x) for x in zip(*known, strict=True))
+                    state[k][new_i] = v[old_i].to(state[k].dtype)
+            elif k in state and state[k].shape == v.shape:
+                state[k] = v.clone()
+            else:
+                raise SpecError(
+                    f"retrain.init_from: the source model's {k} has shape {tuple(v.shape)}, "
+                    f"this spec's {tuple(state[k].shape) if k in state else 'none'}; a warm "
+                    "start needs the same model settings (model.hidden, model.fourier, "
+                    "model.adstock)"
+                )
+        log.info(
+            "[warm start] from %s: %d of %d regions known (their scalers and baselines kept)",
+            source.run_dir, len(known), len(prepared.panel.regions),
+        )  # fmt: skip
+        return state
 
     # -- evaluate / report ------------------------------------------------------------
     @staticmethod
@@ -262,23 +347,112 @@ class MmmKind(Kind):
 
     # -- predict ----------------------------------------------------------------------
     def predict(self, run_dir: Path, data_path: str, out_path: Path) -> dict[str, Any]:
-        """Score a panel of the model's regions and week grid: the predicted KPI and every
-        component per region-week (carry-over within the given weeks)."""
+        """KPI and every component for the weeks of a plan, carrying on from the history.
+
+        ``data_path``: region, week, media and control columns (a KPI column is ignored)
+        for consecutive weeks of some of the model's regions. The plan replaces the
+        history from its first week, which is at most the week after the history; the
+        history before it gives the carry-over (adstock) and runs the GRU up to it. So a
+        plan of future weeks is a forecast, and a plan equal to history weeks gives the
+        in-sample decomposition. Output per region-week: ``prediction``, one column per
+        component, ``future`` (after the history) and ``holdout`` (one of the fit's
+        held-out weeks).
+        """
         import ray.data
 
+        from distributed_hte.kinds.mmm.data import grid_labels, read_plan
         from distributed_hte.kinds.mmm.plugin import decompose
-        from distributed_hte.kinds.mmm.report import components_frame
 
         bundle = toolkit.load_bundle(run_dir, self.name)
         toolkit.check_new_output(out_path)
+        if "history" not in bundle.files:
+            raise DataError(
+                f"{run_dir} was fitted before mmm runs kept their history (model/history.npz); "
+                "predict needs it for the carry-over: fit the run again"
+            )
         plugin, model, scalers = self._bundle_parts(bundle)
         cols = Columns(**bundle.config["columns"])
-        cols.expected = None
-        panel = _align(read_panel(data_path, cols), bundle)
-        week = np.arange(len(panel.week_labels), dtype=np.float64)
-        dec = decompose(model, scaled(panel, scalers), scalers.kpi_scale, week)
-        frame = components_frame(panel, dec, plugin.model, wide=True)
+        labels = bundle.config["week_labels"]
+        plan = read_plan(data_path, cols, bundle.config["regions"], labels)
+        with np.load(bundle.path("history"), allow_pickle=False) as z:
+            hist = {k: z[k] for k in ("media", "controls", "holdout")}
+        r, s, w = plan.region_index, plan.start, plan.weeks
+        media = np.concatenate([hist["media"][r, :s], plan.media], axis=1)
+        controls = np.concatenate([hist["controls"][r, :s], plan.controls], axis=1)
+        inputs = {
+            "y": np.zeros(media.shape[:2]),
+            "media": media / scalers.media_scale[r, None, :],
+            "controls": (controls - scalers.control_mean) / scalers.control_sd,
+        }
+        week = np.arange(s + w, dtype=np.float64)
+        dec = decompose(model, inputs, scalers.kpi_scale[r], week, region=r)
+        cfg = plugin.model
+        cols_out: dict[str, np.ndarray] = {
+            "prediction": dec["pred"][:, s:],
+            "baseline": dec["baseline"][:, s:],
+            "trend": dec["trend"][:, s:],
+            "seasonality": dec["seasonality"][:, s:],
+        }
+        for k, name in enumerate(cfg.controls):
+            cols_out[name] = dec["controls"][:, s:, k]
+        for c, name in enumerate(cfg.channels):
+            cols_out[name] = dec["media"][:, s:, c]
+        t_hist = len(labels)
+        idx = np.arange(s, s + w)
+        held = np.zeros((len(r), w), dtype=bool)
+        inside = idx < t_hist
+        held[:, inside] = hist["holdout"][r][:, idx[inside]]
+        regions = np.asarray(bundle.config["regions"], dtype=object)[r]
+        import pandas as pd
+
+        frame = pd.DataFrame(
+            {
+                "region": np.repeat(regions, w),
+                "week": np.tile(np.asarray(grid_labels(labels, s + w)[s:], dtype=object), len(r)),
+                **{k: v.ravel() for k, v in cols_out.items()},
+                "future": np.tile(idx >= t_hist, len(r)),
+                "holdout": held.ravel(),
+            }
+        )
+        log.info(
+            "[predict] %d region(s) × %d week(s) from %s (%d after the history)",
+            len(r), w, frame["week"].iloc[0], int((idx >= t_hist).sum()),
+        )  # fmt: skip
         return toolkit.write_predictions(ray.data.from_pandas(frame), out_path)
+
+
+def reuse_scalers(prepared: MmmPrepared, source: ModelBundle) -> dict[str, Any]:
+    """Give ``prepared`` the source bundle's scalers (idempotent); return its state.
+
+    Regions the source knew keep its ``kpi_scale`` and ``media_scale``; the controls keep
+    its mean and SD. Regions new to it keep the scalers fitted on this data. DataError
+    when the channels, controls or the week grid's first week differ.
+    """
+    cols = Columns(**source.config["columns"])
+    if cols.media != prepared.columns.media or cols.controls != prepared.columns.controls:
+        raise DataError(
+            f"retrain.init_from: the source model has channels {cols.media} and controls "
+            f"{cols.controls}; this data has {prepared.columns.media} and "
+            f"{prepared.columns.controls}: a warm start needs the same ones"
+        )
+    first = source.config["week_labels"][0]
+    if prepared.panel.week_labels[0] != first:
+        raise DataError(
+            f"retrain.init_from: the source model's weeks start at {first}, this data's at "
+            f"{prepared.panel.week_labels[0]}; seasonality and trend count weeks from the "
+            "first one, so a refresh keeps the source's first week (append weeks, do not drop)"
+        )
+    with np.load(source.path("scalers"), allow_pickle=False) as z:
+        old = Scalers.from_arrays(dict(z))
+    pos = {r: i for i, r in enumerate(source.config["regions"])}
+    s = prepared.scalers
+    for i, r in enumerate(prepared.panel.regions):
+        if r in pos:
+            s.kpi_scale[i] = old.kpi_scale[pos[r]]
+            s.media_scale[i] = old.media_scale[pos[r]]
+    s.control_mean[:] = old.control_mean
+    s.control_sd[:] = old.control_sd
+    return source.state_dict()
 
 
 def _align(panel: Panel, bundle: ModelBundle) -> Panel:

@@ -363,3 +363,118 @@ def scaled(p: Panel, s: Scalers) -> dict[str, np.ndarray]:
         "media": (p.media / s.media_scale[:, None, :]).astype(np.float32),
         "controls": ((p.controls - s.control_mean) / s.control_sd).astype(np.float32),
     }
+
+
+@dataclass
+class Plan:
+    """A media plan (or any stretch of weeks) for some of a model's regions.
+
+    P plan regions, W plan weeks (``start`` .. ``start + W − 1`` on the model's week grid,
+    which may run past the history's end), C channels, K controls.
+    """
+
+    region_index: np.ndarray  # (P,) positions in the model's regions
+    start: int  # grid index of the plan's first week
+    media: np.ndarray  # (P, W, C) activity
+    controls: np.ndarray  # (P, W, K)
+
+    @property
+    def weeks(self) -> int:
+        return self.media.shape[1]
+
+
+def grid_labels(labels: list[Any], n: int) -> list[Any]:
+    """The first ``n`` labels of the model's weekly grid, extended past its end."""
+    if isinstance(labels[0], int):
+        return [labels[0] + i for i in range(n)]
+    d0 = np.datetime64(labels[0], "D")
+    return [str(d0 + np.timedelta64(7 * i, "D")) for i in range(n)]
+
+
+def _grid_index(values: pd.Series, dtype: pa.DataType, column: str, labels: list[Any]):
+    """Each row's week as an index on the model's grid (0 = its first week)."""
+    idx, own = _week_index(values, dtype, column)
+    if isinstance(labels[0], int) != isinstance(own[0], int):
+        raise DataError(
+            f"column {column!r} (named by data.week) holds {'integer periods' if isinstance(own[0], int) else 'dates'}"
+            f", but the model was fitted on {'integer periods' if isinstance(labels[0], int) else 'dates'}"
+        )
+    if isinstance(labels[0], int):
+        return idx + (own[0] - labels[0])
+    days = (np.datetime64(own[0], "D") - np.datetime64(labels[0], "D")).astype(np.int64)
+    if days % 7:
+        raise DataError(
+            f"column {column!r} (named by data.week): {own[0]} is not on the model's weekly grid "
+            f"(a whole number of weeks after {labels[0]})"
+        )
+    return idx + days // 7
+
+
+def read_plan(path: str, cols: Columns, regions: list[Any], labels: list[Any]) -> Plan:
+    """Read a media plan: region, week, media and control columns (a KPI is ignored).
+
+    The plan's weeks must be consecutive, the same for every region in it, and start no
+    later than the week after the history (``len(labels)``): the history before the plan
+    gives the carry-over. DataError (exit 2) for anything else.
+    """
+    ds = open_dataset(path)
+    schema = ds.schema
+    wanted = [cols.region, cols.week, *cols.media, *cols.controls]
+    missing = [c for c in dict.fromkeys(wanted) if c not in schema.names]
+    if missing:
+        raise DataError(
+            f"the plan at {path} has no column(s) {missing}; a plan needs the model's region, "
+            f"week, media {cols.media} and control {cols.controls} columns; it has: "
+            f"{', '.join(schema.names)}"
+        )
+    df = ds.to_table(columns=list(dict.fromkeys(wanted))).to_pandas()
+    if len(df) == 0:
+        raise DataError(f"the plan at {path} is empty")
+    if df[cols.region].isna().any() or df[cols.week].isna().any():
+        raise DataError(f"the plan at {path} has rows without a region or a week")
+    media = np.stack([_numeric(df, c, "data.media", schema) for c in cols.media], -1)
+    if np.any(media < 0):
+        j = int(np.flatnonzero((media < 0).any(0))[0])
+        raise DataError(
+            f"the plan's column {cols.media[j]!r} has negative activity; it must be ≥ 0"
+        )
+    controls = (
+        np.stack([_numeric(df, c, "data.controls", schema) for c in cols.controls], -1)
+        if cols.controls
+        else np.zeros((len(df), 0))
+    )
+    week = _grid_index(df[cols.week], schema.field(cols.week).type, cols.week, labels)
+    pos = {r: i for i, r in enumerate(regions)}
+    region_ids = [r.item() if hasattr(r, "item") else r for r in df[cols.region]]
+    unknown = sorted({r for r in region_ids if r not in pos}, key=str)
+    if unknown:
+        raise DataError(
+            f"{len(unknown)} region(s) of the plan are not in the fitted model, e.g. "
+            f"{unknown[:5]}; a plan covers regions the model was fitted on"
+        )
+    start, stop = int(week.min()), int(week.max()) + 1
+    if start < 0 or start > len(labels):
+        first = grid_labels(labels, max(start, 0) + 1)[-1] if start >= 0 else "before it"
+        raise DataError(
+            f"the plan starts at week {first}, but the model's history runs from {labels[0]} "
+            f"to {labels[-1]}: a plan starts within the history or the week after it, so the "
+            "history gives its carry-over"
+        )
+    codes, plan_regions = pd.factorize(pd.Series(region_ids, dtype=object))
+    p_n, w_n = len(plan_regions), stop - start
+    flat = codes.astype(np.int64) * w_n + (week - start)
+    if len(np.unique(flat)) != len(flat) or len(flat) != p_n * w_n:
+        raise DataError(
+            f"the plan must give each of its {p_n} region(s) exactly one row for every week from "
+            f"{grid_labels(labels, start + 1)[-1]} to {grid_labels(labels, stop)[-1]} "
+            f"({w_n} weeks); it has {len(flat)} rows"
+        )
+    out_m = np.zeros((p_n * w_n, media.shape[1]))
+    out_c = np.zeros((p_n * w_n, controls.shape[1]))
+    out_m[flat], out_c[flat] = media, controls
+    return Plan(
+        region_index=np.array([pos[r] for r in plan_regions]),
+        start=start,
+        media=out_m.reshape(p_n, w_n, -1),
+        controls=out_c.reshape(p_n, w_n, -1),
+    )

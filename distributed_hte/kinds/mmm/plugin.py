@@ -107,11 +107,16 @@ def load_model(cfg: MmmConfig, state: dict[str, torch.Tensor]) -> DeepMMM:
 
 
 def decompose(
-    model: DeepMMM, inputs: dict[str, np.ndarray], kpi_scale: np.ndarray, week: np.ndarray
+    model: DeepMMM,
+    inputs: dict[str, np.ndarray],
+    kpi_scale: np.ndarray,
+    week: np.ndarray,
+    region: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """Every component in KPI units for the whole panel.
+    """Every component in KPI units for the whole panel (or some of its regions).
 
-    Args: inputs (scaled, as :func:`region_rows` takes); kpi_scale ``(R,)``; week ``(T,)``.
+    Args: inputs (scaled, as :func:`region_rows` takes); kpi_scale ``(R,)``; week ``(T,)``;
+    region ``(R,)`` the model's region index of each row (default ``0 .. R − 1``).
     Returns ``baseline``, ``trend``, ``seasonality``, ``pred`` ``(R, T)``; ``controls``
     ``(R, T, K)``; ``media`` ``(R, T, C)``; ``coef`` ``(R, T, C)``: each channel's
     coefficient β_c·exp(δ) (scaled units).
@@ -119,7 +124,7 @@ def decompose(
     r_n, t_n = inputs["y"].shape
     with torch.no_grad():
         out = model(
-            torch.arange(r_n),
+            torch.arange(r_n) if region is None else torch.as_tensor(region, dtype=torch.int64),
             torch.as_tensor(np.broadcast_to(week, (r_n, t_n)).copy(), dtype=torch.float64),
             torch.as_tensor(inputs["media"], dtype=torch.float64),
             torch.as_tensor(inputs["controls"], dtype=torch.float64),

@@ -119,6 +119,41 @@ def channel_table(
     )
 
 
+def replica_table(spec, panel: Panel, run: RunDir, cfg, scalers: Scalers, week: np.ndarray):
+    """Long table (replica, channel, roi, share, contribution): every bootstrap replica's
+    model evaluated on the original panel, exactly as the point estimate is."""
+    import torch
+
+    from distributed_hte.kinds.mmm.plugin import decompose, load_model
+    from distributed_hte.kinds.mmm.replicas import replica_dir
+
+    inputs = scaled(panel, scalers)
+    parts = []
+    for k in range(spec.uncertainty.replicas):
+        path = replica_dir(run.path, k) / "model" / "best_model.pt"
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = load_model(cfg, state)
+        dec = decompose(model, inputs, scalers.kpi_scale, week)
+        t = channel_table(panel, scalers, cfg, model, dec)[["channel", "roi", "share",
+                                                             "contribution"]]  # fmt: skip
+        parts.append(t.assign(replica=k))
+    return pd.concat(parts, ignore_index=True)[["replica", "channel", "roi", "share",
+                                                "contribution"]]  # fmt: skip
+
+
+def with_intervals(table: pd.DataFrame, reps: pd.DataFrame, level: float) -> pd.DataFrame:
+    """``table`` with ``roi``/``share``/``contribution`` ``_low``/``_high`` columns: the
+    replicas' percentile intervals at ``level``."""
+    from distributed_hte.kinds.mmm.replicas import STATS, percentile_intervals
+
+    out = table.copy()
+    for stat in STATS:
+        wide = reps.pivot(index="replica", columns="channel", values=stat)[list(table["channel"])]
+        low, high = percentile_intervals(wide.to_numpy(np.float64), level)
+        out[f"{stat}_low"], out[f"{stat}_high"] = low, high
+    return out
+
+
 def response_of(panel: Panel, scalers: Scalers, model, coef: np.ndarray) -> Response:
     """The fitted model's steady-state response (see :mod:`distributed_hte.estimators.mmm`)."""
     fit = panel.fit[..., None]
@@ -321,6 +356,10 @@ def write_outputs(spec, prepared, run: RunDir, cfg, model, scalers: Scalers) -> 
     dec = decompose(model, scaled(panel, scalers), scalers.kpi_scale, prepared.week)
     metrics: dict[str, Any] = panel_metrics(panel, dec["pred"])
     table = channel_table(panel, scalers, cfg, model, dec)
+    if spec.uncertainty is not None:
+        reps = replica_table(spec, panel, run, cfg, scalers, prepared.week)
+        reps.to_parquet(run.file("replicas.parquet"), index=False)
+        table = with_intervals(table, reps, spec.uncertainty.level)
     table.to_csv(run.file("channels.csv"), index=False)
     table.to_parquet(run.file("channels.parquet"), index=False)
     components_frame(panel, dec, cfg).to_parquet(run.file("contributions.parquet"), index=False)
@@ -433,6 +472,13 @@ def plots(run: RunDir, panel: Panel, dec, cfg, table: pd.DataFrame, curves: pd.D
         ax.set_ylabel("weekly KPI, all regions")
         ax.legend(fontsize=7)
     with figure(run.file("plots", "roi.png"), figsize=(5, 3.5)) as (_, ax):
-        ax.bar(table["channel"], table["roi"].fillna(0.0))
-        ax.set_ylabel("ROI (fit weeks)")
+        roi = table["roi"].fillna(0.0).to_numpy()
+        err = None
+        if "roi_low" in table:
+            low = table["roi_low"].fillna(0.0).to_numpy()
+            high = table["roi_high"].fillna(0.0).to_numpy()
+            # A percentile interval need not contain the point estimate: clip the bars.
+            err = np.vstack([np.clip(roi - low, 0, None), np.clip(high - roi, 0, None)])
+        ax.bar(table["channel"], roi, yerr=err, capsize=3)
+        ax.set_ylabel("ROI (fit weeks)" + (" with bootstrap interval" if err is not None else ""))
         ax.tick_params(axis="x", rotation=45, labelsize=7)

@@ -70,7 +70,11 @@ class MmmTrainSpec(TrainSpec):
 
     epochs: int = Field(40, ge=1)
     batch_size: int = Field(
-        128, ge=1, description="regions per step and worker (a panel is small: large batches)"
+        256,
+        ge=1,
+        description="regions per optimiser step, all workers together (each worker takes "
+        "batch_size / num_workers): the same steps and global batch whatever the worker "
+        "count, so 1 and 2 workers give the same fit (a panel is small: large batches)",
     )
     lr: float = Field(0.02, gt=0)
     val_fraction: float = Field(
@@ -105,6 +109,18 @@ class MmmOptimizeSpec(StrictModel):
         return self
 
 
+class MmmUncertaintySpec(StrictModel):
+    """Percentile intervals from region-bootstrap replicas (see
+    :mod:`distributed_hte.kinds.mmm.replicas`)."""
+
+    replicas: int = Field(ge=2, description="bootstrap replicas, each a full fit")
+    level: float = Field(0.9, gt=0, lt=1, description="interval level (0.9: 5th-95th pct)")
+    seed: int = Field(0, description="seed of the region resampling")
+    workers: int = Field(
+        1, ge=1, description="Ray Train workers per replica (replicas run side by side)"
+    )
+
+
 class MmmSimulateSpec(StrictModel):
     """Simulated panel (see :mod:`distributed_hte.simulate.mmm`)."""
 
@@ -132,6 +148,7 @@ class MmmSpec(JobSpec):
     data: MmmDataSpec = MmmDataSpec()
     model: MmmModelSpec = MmmModelSpec()
     optimize: MmmOptimizeSpec | None = None
+    uncertainty: MmmUncertaintySpec | None = None
     simulate: MmmSimulateSpec | None = None
 
     def check_kind(self) -> None:

@@ -35,6 +35,8 @@ TERMINAL_HIDDEN = ("ray", "py.warnings", RAY_OUTPUT_LOGGER)
 # epoch of a small job take 1-2 s of wall time.
 TRAIN_POLL_INTERVAL_S = "0.2"
 _TRAIN_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+# Set by Ray's job supervisor for a submitted job's entrypoint (the job's config).
+_SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def job_env_vars() -> dict[str, str]:
@@ -90,8 +92,13 @@ def init_ray(target: RayTarget, runtime_env: dict | None = None) -> None:
     if target.address:
         check_reachable(target.address)
         try:
+            # The entrypoint of a submitted job already runs in the job's runtime env
+            # (`dhte submit` put the spec's and ours there); giving it again conflicts.
+            submitted = _SUBMITTED_JOB_ENV in os.environ
             ray.init(
-                address=target.address, runtime_env=with_job_env(runtime_env), log_to_driver=True
+                address=target.address,
+                runtime_env=None if submitted else with_job_env(runtime_env),
+                log_to_driver=True,
             )
         except (ConnectionError, TimeoutError, RuntimeError) as exc:
             raise ClusterError(

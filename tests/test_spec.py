@@ -48,6 +48,7 @@ def test_overrides_set_nested_values_with_yaml_types():
         ("kind=nope", "kind: found 'nope'; allowed kinds: aipw_segments, fe_hte"),
         ("model.beta_net.hidden=[a]", "model.beta_net.hidden.0: found 'a'"),
         ("train.optimizer=lbfgs", "Input should be 'adam', 'adamw' or 'sgd'"),
+        ("train.checkpoint_every=often", "checkpoint_every 'often' is neither epochs"),
         ("outputs.dir=s3://bucket/runs", "outputs.dir must be a filesystem path"),
         ("bogus=1", "bogus: unknown key"),
     ],

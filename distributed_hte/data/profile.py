@@ -115,19 +115,15 @@ def profile_parquet(
 ) -> DatasetProfile:
     """Profile the ``*.parquet`` data under ``path`` (see :func:`profile_dataset`).
 
-    Data of at most ``DRIVER_PASS_MAX_ROWS`` rows is profiled in the driver, one pyarrow
+    Data small enough for the driver (``toolkit.driver_sized``) is profiled there, one pyarrow
     batch at a time (a Ray Data pipeline's start-up costs seconds on a small job); larger
     data by a Ray Data pass.
     """
-    from distributed_hte.kinds.toolkit import (
-        DRIVER_PASS_MAX_ROWS,
-        local_parquet_dataset,
-        read_parquet,
-    )
+    from distributed_hte.kinds.toolkit import driver_sized, read_parquet
 
     columns = list(dict.fromkeys(numeric + ids))
-    local = local_parquet_dataset(path)
-    if local.count_rows() > DRIVER_PASS_MAX_ROWS:
+    local = driver_sized(path)
+    if local is None:
         return profile_dataset(read_parquet(path, columns), numeric, ids, fields)
     parts = [
         pickle.loads(_profile_block(pa.Table.from_batches([b]), numeric, ids)["profile"][0])

@@ -102,7 +102,6 @@ def local_parquet_dataset(path: str) -> pads.Dataset:
         files, keys = [], []
         for info in sorted(infos, key=lambda i: i.path):
             relative = os.path.relpath(info.path, root)
-            parts = relative.split("/")
             # Ray Data's rule: skip paths whose part under the root starts with "." or "_"
             if (
                 info.is_file
@@ -110,7 +109,7 @@ def local_parquet_dataset(path: str) -> pads.Dataset:
                 and not relative.startswith((".", "_"))
             ):
                 files.append(info.path)
-                keys += [p.split("=", 1)[0] for p in parts[:-1] if "=" in p and p not in keys]
+                keys += [p.split("=", 1)[0] for p in relative.split("/")[:-1] if "=" in p]
     keys = list(dict.fromkeys(keys))
     partitioning = (
         pads.partitioning(pa.schema([(k, pa.string()) for k in keys]), flavor="hive")
@@ -124,6 +123,13 @@ def local_parquet_dataset(path: str) -> pads.Dataset:
         partitioning=partitioning,
         partition_base_dir=root,
     )
+
+
+def driver_sized(path: str) -> pads.Dataset | None:
+    """:func:`local_parquet_dataset` when it holds at most :data:`DRIVER_PASS_MAX_ROWS`
+    rows (a pass over it belongs in the driver), else None (use Ray Data)."""
+    local = local_parquet_dataset(path)
+    return local if local.count_rows() <= DRIVER_PASS_MAX_ROWS else None
 
 
 def read_parquet_head(path: str, columns: list[str], rows: int):
@@ -171,28 +177,28 @@ def batch_sums(
     :data:`DRIVER_PASS_MAX_ROWS` rows is summed in the driver, one batch at a time, with
     the batches Ray Data would have made (same rows, same numpy conversion).
     """
-    local = local_parquet_dataset(path)
-    if local.count_rows() <= DRIVER_PASS_MAX_ROWS:
-        from ray.data.block import BlockAccessor
-
-        rows = []
-        for record_batch in local.to_batches(columns=columns, batch_size=_SUMS_BATCH_ROWS):
-            if record_batch.num_rows:
-                import pyarrow as pa
-
-                batch = BlockAccessor.for_block(pa.Table.from_batches([record_batch]))
-                rows.append(fn(batch.to_batch_format("numpy"), **kwargs))
-        rows = [{k: v[0] for k, v in r.items()} for r in rows]
-    else:
-        rows = (
-            read_parquet(path, columns)
-            .map_batches(fn, fn_kwargs=kwargs, batch_format="numpy", batch_size=_SUMS_BATCH_ROWS)
-            .take_all()
-        )
     out: dict[str, float] = {}
-    for row in rows:
+
+    def add(row: dict[str, Any]) -> None:
         for k, v in row.items():
             out[k] = out.get(k, 0.0) + float(v)
+
+    local = driver_sized(path)
+    if local is not None:
+        import pyarrow as pa
+        from ray.data.block import BlockAccessor
+
+        for record_batch in local.to_batches(columns=columns, batch_size=_SUMS_BATCH_ROWS):
+            if record_batch.num_rows:
+                block = BlockAccessor.for_block(pa.Table.from_batches([record_batch]))
+                add({k: v[0] for k, v in fn(block.to_batch_format("numpy"), **kwargs).items()})
+        return out
+    for row in (
+        read_parquet(path, columns)
+        .map_batches(fn, fn_kwargs=kwargs, batch_format="numpy", batch_size=_SUMS_BATCH_ROWS)
+        .take_all()
+    ):
+        add(row)
     return out
 
 
